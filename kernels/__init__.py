@@ -1,0 +1,1 @@
+"""GEMMs over the Spense layout (docs/FORMAT.md). ``reference`` is the pure PyTorch oracle and CPU path."""

@@ -1,0 +1,117 @@
+"""The quality table of docs/QUALITY.md: held-out perplexity of each pruning recipe on one model.
+
+    python -m vllm_spense.offline.quality              # dense, SparseGPT 2:4, SpenseGPT rho=0.25
+    python -m vllm_spense.offline.quality --rows full  # every row of docs/QUALITY.md
+
+Every row prunes the same loaded model (weights restored between rows) in float32 on the same
+calibration windows and is scored on the same held-out windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from vllm_spense.offline.calibration import CALIBRATION_GENRES, random_windows, read_text, shakespeare_files, tokenize
+from vllm_spense.offline.evaluate import evaluation_windows, perplexity
+from vllm_spense.offline.models import default_model_path, load_model
+from vllm_spense.offline.pruner import UNSTRUCTURED, PruneRecipe, prune_model
+
+MAIN_ROWS = {
+    "dense": None,
+    "SparseGPT 2:4": PruneRecipe(method="sparsegpt", dense_fraction=0.0),
+    "SpenseGPT rho=0.25 activation": PruneRecipe(dense_fraction=0.25, selection="activation"),
+}
+
+
+def full_rows() -> dict[str, PruneRecipe | None]:
+    rows: dict[str, PruneRecipe | None] = {
+        "dense": None,
+        "magnitude 2:4": PruneRecipe(method="magnitude", dense_fraction=0.0),
+        "Wanda 2:4": PruneRecipe(method="wanda", dense_fraction=0.0),
+        "SparseGPT 2:4": PruneRecipe(method="sparsegpt", dense_fraction=0.0),
+    }
+    for rho in (0.125, 0.25):
+        for selection in ("activation", "error", "random"):
+            rows[f"SpenseGPT rho={rho} {selection}"] = PruneRecipe(dense_fraction=rho, selection=selection)
+    for selection in ("activation", "error"):
+        rows[f"SpenseGPT rho=0.25 {selection}, natural order"] = PruneRecipe(
+            dense_fraction=0.25, selection=selection, order="natural")
+    rows["SparseGPT unstructured 37.5%"] = PruneRecipe(method=UNSTRUCTURED, dense_fraction=0.0, sparsity=0.375)
+    return rows
+
+
+def overall_sparsity(recipe: PruneRecipe | None) -> float:
+    if recipe is None:
+        return 0.0
+    if recipe.sparsity is not None:
+        return recipe.sparsity
+    return 0.5 * (1.0 - recipe.dense_fraction)
+
+
+def run_table(rows: dict[str, PruneRecipe | None], model_path=None, nsamples: int = 64, seqlen: int = 512,
+              eval_windows: int = 16, eval_seqlen: int = 1024, device: str = "cpu", seed: int = 0) -> list[dict]:
+    model, tokenizer = load_model(model_path or default_model_path())
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    calibration = random_windows(tokenize(tokenizer, read_text(shakespeare_files(CALIBRATION_GENRES))),
+                                 nsamples, seqlen, seed)
+    held_out = evaluation_windows(tokenizer, None, eval_windows, eval_seqlen)
+    results = []
+    for label, recipe in rows.items():
+        model.load_state_dict(original)
+        start = time.time()
+        if recipe is not None:
+            prune_model(model, calibration, recipe, device=device, save_dtype=torch.float32)
+        pruned_s = time.time() - start
+        ppl = perplexity(model.to(device), held_out)
+        model.to("cpu")
+        results.append({"row": label, "sparsity": overall_sparsity(recipe), "perplexity": ppl,
+                        "prune_seconds": round(pruned_s, 1)})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    """The table, with the share of SparseGPT 2:4's perplexity increase each row removes."""
+    by_row = {r["row"]: r["perplexity"] for r in results}
+    dense, sparsegpt = by_row.get("dense"), by_row.get("SparseGPT 2:4")
+    lines = ["| recipe | overall sparsity | perplexity | SparseGPT 2:4 increase removed |",
+             "| --- | ---: | ---: | ---: |"]
+    for r in results:
+        removed = ""
+        if dense is not None and sparsegpt is not None and r["row"] not in ("dense", "SparseGPT 2:4"):
+            removed = f"{100 * (sparsegpt - r['perplexity']) / (sparsegpt - dense):.0f}%"
+        lines.append(f"| {r['row']} | {r['sparsity']:.1%} | {r['perplexity']:.2f} | {removed} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", choices=("main", "full"), default="main")
+    parser.add_argument("--model", help="model folder or .gguf (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=16)
+    parser.add_argument("--eval-seqlen", type=int, default=1024)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", nargs="+", help="keep only rows whose name contains one of these strings")
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+    rows = MAIN_ROWS if args.rows == "main" else full_rows()
+    if args.only:
+        rows = {label: recipe for label, recipe in rows.items() if any(part in label for part in args.only)}
+    results = run_table(rows, args.model, args.nsamples, args.seqlen, args.eval_windows, args.eval_seqlen,
+                        args.device)
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

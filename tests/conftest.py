@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny random Llama with its own small tokenizer, and a Spense checkpoint of it."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+from vllm_spense.offline.calibration import CALIBRATION_GENRES, read_text, shakespeare_files
+
+TINY_PRUNE_ARGS = ["--nsamples", "8", "--seqlen", "64", "--dense-fraction", "0.25", "--device", "cpu"]
+
+
+def train_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE trained on two plays: no hub, no download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([read_text(shakespeare_files(CALIBRATION_GENRES)[:2])], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+def make_tiny_model(folder: pathlib.Path, *, attention_bias: bool = True, seed: int = 0) -> pathlib.Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_attention_heads=4,
+                         num_key_value_heads=2, num_hidden_layers=2, attention_bias=attention_bias,
+                         tie_word_embeddings=False, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
+    model = LlamaForCausalLM(config).eval()
+    for param in model.parameters():
+        param.data.normal_(0, 0.05)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    train_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_model_dir, tmp_path_factory) -> pathlib.Path:
+    from vllm_spense.offline.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-spense") / "checkpoint"
+    assert main([str(tiny_model_dir), "--out", str(out), *TINY_PRUNE_ARGS]) == 0
+    return out

@@ -1,0 +1,286 @@
+"""The Spense weight format: the one source of truth for the pruner, the plugin and the kernels.
+
+A Linear weight ``W [N, K]`` is cut along its input channels into groups of ``GROUP_SIZE = 4``
+consecutive channels. Every group is either *dense* (all 4 values kept in every row) or *2:4*
+(two values kept per row). Which groups are dense is one boolean per group, the same for every
+row, and every chunk of ``chunk_size`` consecutive input channels holds the same number of dense
+groups, so any tensor-parallel split of K into whole chunks gives each rank the same shapes.
+
+Tensors of one layer, stored under the layer's Hugging Face name (``<layer>.<suffix>``)::
+
+    dense_weight  [N, 4 * G_dense]   float16/bfloat16/float32  dense groups, ascending channel order
+    sparse_weight [N, 2 * G_sparse]  same dtype as dense_weight the two kept values of each 2:4
+                                                               group, ascending group then position
+    sparse_meta   [N, G_sparse / 2]  uint8                     4 bits per 2:4 group: bits 0-1 = index of
+                                                               the first kept value, bits 2-3 = index of
+                                                               the second (first < second); group 2j in
+                                                               the low nibble, group 2j+1 in the high one
+    dense_mask    [K / 4]            bool                      True where the group is dense
+
+``G_dense + G_sparse = K / 4``. The dense-group count per chunk is even, so every chunk (and so every
+tensor-parallel shard) holds an even number of 2:4 groups and whole metadata bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+from typing import Iterable, Mapping, NamedTuple
+
+import torch
+
+FORMAT_VERSION = 1
+QUANT_METHOD = "spense"
+GROUP_SIZE = 4
+SPARSE_KEPT = 2  # values kept per 2:4 group
+DEFAULT_CHUNK_SIZE = 128
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# lm_head and the embeddings are never pruned (they are not in decoder layers, and never targeted).
+DEFAULT_IGNORE = ("lm_head", "re:.*embed_tokens$")
+
+
+class SpenseFormatError(ValueError):
+    """A checkpoint or tensor that does not follow the Spense format; the message names where."""
+
+
+class SpenseTensor(str, enum.Enum):
+    """Suffixes of the tensors one Spense layer stores, after ``<layer name>.``."""
+
+    DENSE_WEIGHT = "dense_weight"
+    SPARSE_WEIGHT = "sparse_weight"
+    SPARSE_META = "sparse_meta"
+    DENSE_MASK = "dense_mask"
+
+    def key(self, layer: str) -> str:
+        return f"{layer}.{self.value}"
+
+
+LAYER_TENSORS = tuple(SpenseTensor)
+OPTIONAL_LAYER_TENSORS = ("bias",)
+
+
+class PackedSpenseWeight(NamedTuple):
+    dense_weight: torch.Tensor
+    sparse_weight: torch.Tensor
+    sparse_meta: torch.Tensor
+    dense_mask: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.dense_weight.shape[0], self.dense_mask.numel() * GROUP_SIZE
+
+    def tensors(self, layer: str) -> dict[str, torch.Tensor]:
+        return {t.key(layer): getattr(self, t.value) for t in LAYER_TENSORS}
+
+    @classmethod
+    def from_tensors(cls, layer: str, tensors: Mapping[str, torch.Tensor]) -> "PackedSpenseWeight":
+        missing = [t.key(layer) for t in LAYER_TENSORS if t.key(layer) not in tensors]
+        if missing:
+            raise SpenseFormatError(f"layer {layer}: missing tensors {missing}")
+        return cls(*(tensors[t.key(layer)] for t in LAYER_TENSORS))
+
+
+@dataclasses.dataclass(frozen=True)
+class SpenseQuantConfig:
+    """The ``quantization_config`` block of a Spense checkpoint's config.json."""
+
+    dense_fraction: float
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    group_size: int = GROUP_SIZE
+    format_version: int = FORMAT_VERSION
+    targets: tuple[str, ...] = ("Linear",)
+    ignore: tuple[str, ...] = DEFAULT_IGNORE
+    # How the checkpoint was made (method, selection, samples...): informative only.
+    pruning: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        where = "quantization_config"
+        if self.format_version != FORMAT_VERSION:
+            raise SpenseFormatError(
+                f"{where}: unknown format_version {self.format_version!r}; this version of vllm-spense "
+                f"reads format_version {FORMAT_VERSION}")
+        if self.group_size != GROUP_SIZE:
+            raise SpenseFormatError(f"{where}: group_size must be {GROUP_SIZE}, found {self.group_size!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0 or self.chunk_size % (2 * GROUP_SIZE):
+            raise SpenseFormatError(
+                f"{where}: chunk_size must be a positive multiple of {2 * GROUP_SIZE}, found {self.chunk_size!r}")
+        if not (0.0 <= float(self.dense_fraction) < 1.0):
+            raise SpenseFormatError(f"{where}: dense_fraction must be in [0, 1), found {self.dense_fraction!r}")
+
+    @property
+    def groups_per_chunk(self) -> int:
+        return self.chunk_size // GROUP_SIZE
+
+    def to_dict(self) -> dict:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "group_size": self.group_size,
+            "chunk_size": self.chunk_size,
+            "dense_fraction": self.dense_fraction,
+            "targets": list(self.targets),
+            "ignore": list(self.ignore),
+            "pruning": dict(self.pruning),
+        }
+
+    @classmethod
+    def from_dict(cls, config: Mapping) -> "SpenseQuantConfig":
+        if config.get("quant_method") != QUANT_METHOD:
+            raise SpenseFormatError(
+                f"quantization_config: quant_method must be {QUANT_METHOD!r}, found {config.get('quant_method')!r}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known - {"quant_method"})
+        if unknown:
+            raise SpenseFormatError(f"quantization_config: unknown keys {unknown}")
+        if "dense_fraction" not in config:
+            raise SpenseFormatError("quantization_config: missing key 'dense_fraction'")
+        kwargs = dict(config)
+        kwargs.pop("quant_method")
+        for key in ("targets", "ignore"):
+            if key in kwargs:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    def is_ignored(self, module_name: str) -> bool:
+        return any(_name_matches(pattern, module_name) for pattern in self.ignore)
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    """compressed-tensors style: ``re:<regex>`` matches by regex, anything else by exact name or suffix."""
+    if pattern.startswith("re:"):
+        return re.match(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def dense_groups_per_chunk(dense_fraction: float, chunk_size: int) -> int:
+    """Dense groups in each chunk for a dense fraction; it must come out whole and even."""
+    groups = dense_fraction * chunk_size / GROUP_SIZE
+    count = round(groups)
+    if abs(groups - count) > 1e-9 or count % 2:
+        step = 2 * GROUP_SIZE / chunk_size
+        raise SpenseFormatError(
+            f"dense fraction {dense_fraction} with chunk size {chunk_size} gives {groups:g} dense groups per "
+            f"chunk; it must be an even whole number, so use a multiple of {step:g}")
+    return count
+
+
+def check_dense_mask(dense_mask: torch.Tensor, chunk_size: int, layer: str) -> int:
+    """Check a mask's dtype and per-chunk balance; return the dense groups per chunk."""
+    where = f"layer {layer}, tensor {SpenseTensor.DENSE_MASK.key(layer)}"
+    if dense_mask.dtype != torch.bool or dense_mask.dim() != 1:
+        raise SpenseFormatError(
+            f"{where}: expected a 1-D bool tensor, found {dense_mask.dtype} of shape {list(dense_mask.shape)}")
+    groups_per_chunk = chunk_size // GROUP_SIZE
+    if dense_mask.numel() == 0 or dense_mask.numel() % groups_per_chunk:
+        raise SpenseFormatError(
+            f"{where}: {dense_mask.numel()} groups ({dense_mask.numel() * GROUP_SIZE} input channels) is not a "
+            f"whole number of {chunk_size}-channel chunks")
+    per_chunk = dense_mask.view(-1, groups_per_chunk).sum(dim=1)
+    if (per_chunk != per_chunk[0]).any():
+        raise SpenseFormatError(
+            f"{where}: unbalanced mask; every {chunk_size}-channel chunk must hold the same number of dense "
+            f"groups, found counts {sorted(set(per_chunk.tolist()))}")
+    count = int(per_chunk[0])
+    if count % 2 or count == groups_per_chunk:
+        raise SpenseFormatError(
+            f"{where}: {count} dense groups per chunk; expected an even number below {groups_per_chunk}")
+    return count
+
+
+def pack(weight: torch.Tensor, dense_mask: torch.Tensor, chunk_size: int, layer: str = "<weight>"
+         ) -> PackedSpenseWeight:
+    """Split a pruned dense weight into the Spense tensors; 2:4 groups may hold at most 2 nonzeros."""
+    n, k = weight.shape
+    if dense_mask.numel() * GROUP_SIZE != k:
+        raise SpenseFormatError(
+            f"layer {layer}: dense mask covers {dense_mask.numel() * GROUP_SIZE} input channels, weight has {k}")
+    check_dense_mask(dense_mask, chunk_size, layer)
+    groups = weight.reshape(n, k // GROUP_SIZE, GROUP_SIZE)
+    dense = groups[:, dense_mask, :].reshape(n, -1)
+    sparse = groups[:, ~dense_mask, :]
+    nonzero = sparse != 0
+    too_dense = nonzero.sum(-1) > SPARSE_KEPT
+    if too_dense.any():
+        raise SpenseFormatError(
+            f"layer {layer}: {int(too_dense.sum())} 2:4 groups hold more than {SPARSE_KEPT} nonzero values")
+    # Keep the nonzeros; fill up with the lowest zero positions so that every group stores two indices.
+    position = torch.arange(GROUP_SIZE, device=weight.device)
+    order_key = (~nonzero).to(torch.int64) * GROUP_SIZE + position
+    kept = order_key.argsort(dim=-1)[..., :SPARSE_KEPT].sort(dim=-1).values  # [N, Gs, 2], ascending
+    values = sparse.gather(-1, kept).reshape(n, -1)
+    nibble = (kept[..., 0] | (kept[..., 1] << 2)).to(torch.uint8)
+    meta = nibble[:, 0::2] | (nibble[:, 1::2] << 4)
+    return PackedSpenseWeight(dense.contiguous(), values.contiguous(), meta.contiguous(), dense_mask.clone())
+
+
+def sparse_indices(sparse_meta: torch.Tensor) -> torch.Tensor:
+    """Unpack metadata [N, Gs/2] uint8 into kept positions [N, Gs, 2] (int64, each in 0..3)."""
+    nibble = torch.stack((sparse_meta & 0xF, sparse_meta >> 4), dim=-1).reshape(sparse_meta.shape[0], -1)
+    return torch.stack((nibble & 0x3, nibble >> 2), dim=-1).to(torch.int64)
+
+
+def unpack(packed: PackedSpenseWeight) -> torch.Tensor:
+    """Rebuild the dense [N, K] weight (zeros where pruned); exact inverse of ``pack``."""
+    n, k = packed.shape
+    groups = torch.zeros(n, k // GROUP_SIZE, GROUP_SIZE, dtype=packed.dense_weight.dtype,
+                         device=packed.dense_weight.device)
+    groups[:, packed.dense_mask, :] = packed.dense_weight.reshape(n, -1, GROUP_SIZE)
+    kept = sparse_indices(packed.sparse_meta)
+    sparse = torch.zeros(n, kept.shape[1], GROUP_SIZE, dtype=groups.dtype, device=groups.device)
+    sparse.scatter_(-1, kept, packed.sparse_weight.reshape(n, -1, SPARSE_KEPT))
+    groups[:, ~packed.dense_mask, :] = sparse
+    return groups.reshape(n, k)
+
+
+def validate(packed: PackedSpenseWeight, chunk_size: int, layer: str,
+             expected_shape: tuple[int, int] | None = None) -> None:
+    """Reject any inconsistency in one layer's tensors, naming the layer, tensor, expected and found."""
+    def fail(tensor: SpenseTensor, message: str) -> None:
+        raise SpenseFormatError(f"layer {layer}, tensor {tensor.key(layer)}: {message}")
+
+    for tensor in LAYER_TENSORS:
+        value = getattr(packed, tensor.value)
+        if not isinstance(value, torch.Tensor):
+            fail(tensor, f"expected a tensor, found {type(value).__name__}")
+    dense_per_chunk = check_dense_mask(packed.dense_mask, chunk_size, layer)
+    k = packed.dense_mask.numel() * GROUP_SIZE
+    n_chunks = k // chunk_size
+    g_dense = dense_per_chunk * n_chunks
+    g_sparse = k // GROUP_SIZE - g_dense
+    dtype = packed.dense_weight.dtype
+    if dtype not in VALUE_DTYPES:
+        fail(SpenseTensor.DENSE_WEIGHT, f"expected dtype in {[str(d) for d in VALUE_DTYPES]}, found {dtype}")
+    if packed.sparse_weight.dtype != dtype:
+        fail(SpenseTensor.SPARSE_WEIGHT, f"expected dtype {dtype} (as dense_weight), found {packed.sparse_weight.dtype}")
+    if packed.sparse_meta.dtype != torch.uint8:
+        fail(SpenseTensor.SPARSE_META, f"expected dtype torch.uint8, found {packed.sparse_meta.dtype}")
+    n = packed.dense_weight.shape[0] if packed.dense_weight.dim() == 2 else -1
+    if expected_shape is not None:
+        exp_n, exp_k = expected_shape
+        if k != exp_k:
+            fail(SpenseTensor.DENSE_MASK, f"expected {exp_k // GROUP_SIZE} groups (K={exp_k}), found "
+                                          f"{packed.dense_mask.numel()} (K={k})")
+        n = exp_n
+    expected = {
+        SpenseTensor.DENSE_WEIGHT: [n, GROUP_SIZE * g_dense],
+        SpenseTensor.SPARSE_WEIGHT: [n, SPARSE_KEPT * g_sparse],
+        SpenseTensor.SPARSE_META: [n, g_sparse // 2],
+    }
+    for tensor, shape in expected.items():
+        found = list(getattr(packed, tensor.value).shape)
+        if found != shape:
+            fail(tensor, f"expected shape {shape}, found {found}")
+    kept = sparse_indices(packed.sparse_meta)
+    bad = kept[..., 0] >= kept[..., 1]
+    if bad.any():
+        row, group = (int(i) for i in bad.nonzero()[0])
+        fail(SpenseTensor.SPARSE_META,
+             f"{int(bad.sum())} invalid index pairs (first must be < second, both in 0..3), e.g. row {row} "
+             f"group {group}: {kept[row, group].tolist()}")
+
+
+def layer_names(keys: Iterable[str]) -> list[str]:
+    """Names of the Spense layers among state-dict keys (those with a ``dense_mask``)."""
+    suffix = "." + SpenseTensor.DENSE_MASK.value
+    return sorted(key[: -len(suffix)] for key in keys if key.endswith(suffix))
