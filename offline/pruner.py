@@ -172,7 +172,7 @@ def collect_hessians(layer: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
         for handle in handles:
             handle.remove()
     groups = [tuple(names) for _, names in seen]
-    del seen
+    seen.clear()  # release the recorded inputs
     hessians = {g: torch.zeros(linears[g[0]].in_features, linears[g[0]].in_features, device=inputs.device)
                 for g in groups}
     counts = dict.fromkeys(groups, 0)

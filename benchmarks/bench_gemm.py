@@ -1,0 +1,121 @@
+"""Spense GEMM vs cuBLAS bf16 vs torch's 2:4 (cuSPARSELt/CUTLASS) on Qwen3 layer shapes.
+
+    python benchmarks/bench_gemm.py --json gemm.json
+
+Every variant runs under a CUDA graph (as vLLM decodes) via ``triton.testing.do_bench_cudagraph``,
+median of the replays. Weights and inputs rotate over enough copies (> 3x L2) that no call reads
+another call's weights from L2. The bandwidth floor of a call is the bytes it must move (packed weights
++ x + y) over the device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from vllm_spense.format import pack
+from vllm_spense.kernels.spense_gemm import SpenseGemmWeight, spense_gemm
+from vllm_spense.offline.sparsegpt import magnitude_2_4
+
+SHAPES = {  # name: (N, K)
+    "8B qkv": (6144, 4096), "8B o": (4096, 4096), "8B gate_up": (24576, 4096), "8B down": (4096, 12288),
+    "32B/TP4 qkv": (2560, 5120), "32B/TP4 o": (5120, 2048), "32B/TP4 gate_up": (12800, 5120),
+    "32B/TP4 down": (5120, 6400),
+}
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+RHOS = [0.0, 0.125, 0.25, 0.5]
+ROTATE_BYTES = 160 * 2**20
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def spense_weight(weight: torch.Tensor, rho: float) -> SpenseGemmWeight:
+    """Magnitude 2:4 outside a random balanced dense region (values do not change the speed)."""
+    n, k = weight.shape
+    dense = int(rho * 32)
+    mask = torch.zeros(k // 128, 32, dtype=torch.bool, device=weight.device)
+    for chunk in mask:
+        chunk[torch.randperm(32, device=weight.device)[:dense]] = True
+    mask = mask.reshape(-1)
+    return SpenseGemmWeight.from_packed(pack(magnitude_2_4(weight, mask), mask, 128))
+
+
+def weight_bytes(w) -> int:
+    if isinstance(w, torch.Tensor):
+        return w.numel() * w.element_size()
+    return sum(t.numel() * t.element_size() for t in (w.dense_weight, w.sparse_weight, w.sparse_meta))
+
+
+def timed(make_call, weights, xs) -> float:
+    pairs = itertools.cycle(list(zip(weights, itertools.cycle(xs))))
+    return triton.testing.do_bench_cudagraph(lambda: make_call(*next(pairs)), rep=30, return_mode="median")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--ms", nargs="*", type=int, default=MS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    bandwidth = copy_bandwidth()
+    device = torch.cuda.get_device_name()
+    print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
+    rows = []
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))
+        dense_ws = [base.clone() for _ in range(copies)]
+        variants = {"cublas": (dense_ws, lambda w, x: F.linear(x, w))}
+        for rho in RHOS:
+            sw = [spense_weight(base, rho) for _ in range(copies)]
+            variants[f"spense rho={rho}"] = (sw, lambda w, x: spense_gemm(x, w))
+        try:
+            from torch.sparse import to_sparse_semi_structured
+
+            w24 = magnitude_2_4(base)
+            variants["torch 2:4"] = ([to_sparse_semi_structured(w24.clone()) for _ in range(copies)],
+                                     lambda w, x: F.linear(x, w))
+        except (RuntimeError, ValueError) as error:  # the row then says n/a
+            print(f"torch 2:4 unavailable for {name}: {error}")
+        for m in args.ms:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, copies // 2))]
+            io_bytes = 2 * m * (k + n)
+            result = {"shape": name, "n": n, "k": k, "m": m}
+            for label, (ws, call) in variants.items():
+                try:
+                    ms = timed(call, ws, xs)
+                except Exception as error:  # noqa: BLE001
+                    print(f"{label} {name} m={m}: {error}")
+                    continue
+                floor_ms = (weight_bytes(ws[0]) + io_bytes) / bandwidth * 1e3
+                result[label] = {"ms": ms, "floor_fraction": floor_ms / ms}
+            cublas = result["cublas"]["ms"]
+            for label in variants:
+                if label in result:
+                    result[label]["speedup"] = cublas / result[label]["ms"]
+            rows.append(result)
+            print(json.dumps({k2: (round(v["ms"] * 1e3, 1), round(v["speedup"], 2)) if isinstance(v, dict) else v
+                              for k2, v in result.items()}), flush=True)
+        del variants, dense_ws
+        torch.cuda.empty_cache()
+        if args.json:  # after every shape, so a cut-off run keeps what it measured
+            with open(args.json, "w") as handle:
+                json.dump({"device": device, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

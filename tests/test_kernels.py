@@ -1,0 +1,68 @@
+"""The fused Triton GEMM against fp64 math on ragged shapes, every dispatch path, output poisoned first.
+
+On a CPU machine this runs in Triton's interpreter (fp16 and fp32 only: bf16 is wrong there); the GPU
+script benchmarks/check_kernels_gpu.py covers bf16 and the real compiler.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import random_dense_mask, random_pruned_weight
+from vllm_spense.format import pack
+from vllm_spense.kernels.spense_gemm import KernelConfig, SpenseGemmWeight, choose_config, spense_gemm
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
+SHAPES = [(37, 192, 64, 2), (129, 256, 128, 8), (70, 128, 128, 0), (33, 384, 128, 16)]
+CONFIGS = {
+    "decode": KernelConfig(16, 64, 128, 32, 1, 4, 2),
+    "decode split-k": KernelConfig(16, 64, 64, 16, 3, 4, 2),
+    "prefill": KernelConfig(64, 128, 64, 16, 1, 4, 2),
+}
+
+
+def make_weight(shape, dtype, generator):
+    n, k, chunk, dense = shape
+    mask = random_dense_mask(k, chunk, dense, generator)
+    weight = random_pruned_weight(n, k, mask, generator, dtype)
+    packed = pack(weight, mask, chunk)
+    return weight, SpenseGemmWeight.from_packed(packed._replace(**{
+        f: getattr(packed, f).to(DEVICE) for f in packed._fields}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 17, 100])
+@pytest.mark.parametrize("path", [None, *CONFIGS])
+def test_gemm_matches_fp64(dtype, shape, m, path):
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    weight, gemm_weight = make_weight(shape, dtype, generator)
+    x = torch.randn(m, shape[1], generator=generator).to(dtype).to(DEVICE)
+    bias = torch.randn(shape[0], generator=generator).to(dtype).to(DEVICE)
+    out = torch.full((m, shape[0]), float("nan"), dtype=dtype, device=DEVICE)  # poison
+    spense_gemm(x, gemm_weight, bias, config=CONFIGS.get(path), out=out)
+    expected = x.double().cpu() @ weight.double().t() + bias.double().cpu()
+    error = (out.double().cpu() - expected).norm() / expected.norm()
+    assert torch.isfinite(out).all()
+    assert error < (2e-3 if dtype == torch.float16 else 1e-5), f"relative error {error:.2e}"
+
+
+def test_dispatch_by_m_picks_decode_and_prefill_tiles():
+    assert choose_config(1, 4096, 4096, torch.device("cpu")).block_m == 16
+    assert choose_config(4096, 4096, 4096, torch.device("cpu")).block_m == 128
+
+
+def test_bad_inputs_are_refused_before_launch():
+    generator = torch.Generator().manual_seed(0)
+    _, gemm_weight = make_weight(SHAPES[0], torch.float16, generator)
+    with pytest.raises(ValueError, match="x must be \\[M, 192\\], found \\[2, 191\\]"):
+        spense_gemm(torch.randn(2, 191, dtype=torch.float16, device=DEVICE), gemm_weight)
+    with pytest.raises(ValueError, match="dense_weight must be torch.float32"):
+        spense_gemm(torch.randn(2, 192, device=DEVICE), gemm_weight)
+    with pytest.raises(ValueError, match="contiguous last dimension"):
+        spense_gemm(torch.randn(192, 2, dtype=torch.float16, device=DEVICE).t(), gemm_weight)
+    with pytest.raises(ValueError, match="bias must be \\[37\\]"):
+        spense_gemm(torch.randn(2, 192, dtype=torch.float16, device=DEVICE), gemm_weight,
+                    torch.randn(36, dtype=torch.float16, device=DEVICE))
