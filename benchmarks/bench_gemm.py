@@ -63,13 +63,48 @@ def timed(make_call, weights, xs) -> float:
     return triton.testing.do_bench_cudagraph(lambda: make_call(*next(pairs)), rep=30, return_mode="median")
 
 
+def sweep_decode(path: str | None) -> None:
+    """Time decode tile configs on the Qwen3-8B shapes at rho = 0.25 (what choose_config encodes)."""
+    from vllm_spense.kernels.spense_gemm import KernelConfig
+
+    results = []
+    for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
+        n, k = SHAPES[name]
+        base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))
+        ws = [spense_weight(base, 0.25) for _ in range(copies)]
+        for m in (1, 16):
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            timings = {}
+            for block_n, (block_kd, block_g), split_k in itertools.product(
+                    (32, 64, 128), ((128, 32), (256, 64)), (1, 2, 4, 8)):
+                config = KernelConfig(16, block_n, block_kd, block_g, split_k, 4, 4)
+                try:
+                    timings[str((block_n, block_kd, block_g, split_k))] = timed(
+                        lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
+                except Exception as error:  # noqa: BLE001 - a config that does not compile is skipped
+                    print(name, m, config, error)
+            best = min(timings, key=timings.get)
+            results.append({"shape": name, "m": m, "best": best, "best_us": timings[best], "timings_us": timings})
+            print(f"sweep {name} m={m}: best (block_n, block_kd, block_g, split_k) = {best} {timings[best]:.1f} us",
+                  flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    if path:
+        with open(path, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--ms", nargs="*", type=int, default=MS)
+    parser.add_argument("--sweep", help="also time decode tile configs; write them to this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.sweep:
+        sweep_decode(args.sweep)
     bandwidth = copy_bandwidth()
     device = torch.cuda.get_device_name()
     print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")

@@ -1,17 +1,20 @@
-"""Fused sparse + dense Triton GEMM over the Spense layout: ``y = x @ W^T (+ bias)`` in one launch.
+"""Fused sparse + dense Triton GEMMs over the Spense layout: ``y = x @ W^T (+ bias)``.
 
 Shapes (docs/FORMAT.md): ``x [M, K]`` fp16/bf16/fp32; ``dense_weight [N, KD]`` (KD = 4 * G_dense);
-``sparse_weight [N, 2 * GS]``; ``sparse_meta [N, GS / 2]`` uint8; and, prepared once per weight,
-``dense_channels [KD]`` / ``sparse_channels [4 * GS]`` int32: the input channel of every dense column
-and of every position of every 2:4 group (ascending), so the kernel gathers the activation columns
-each region reads and no permuted copy of ``x`` is made.
+``sparse_weight [N, 2 * GS]``; ``sparse_meta [N, GS / 2]`` uint8. Built once per weight
+(``SpenseGemmWeight``): ``dense_channels [KD]`` / ``sparse_channels [4 * GS]`` int32, the input channel of
+every dense column and of every position of every 2:4 group, and ``channel_perm = cat(dense, sparse)``.
 
-One program owns a ``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator. It walks the dense
-region in ``BLOCK_KD``-column steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps: it
-loads the packed values and 4-bit indices, expands them in registers into a ``BLOCK_N x 4*BLOCK_G``
-tile with zeros at the pruned positions, and feeds the same MMA. W is never decompressed in memory.
-With ``SPLIT_K > 1`` (decode: few output tiles, long K), programs split both K walks and add their
-partial sums into an fp32 buffer with atomics.
+Decode and mid-size M (``_spense_gemm_kernel``): ``x`` is permuted once (``x[:, channel_perm]``, M*K
+elements, a few microseconds) so both regions read contiguous activation columns. One program owns a
+``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region in ``BLOCK_KD``
+steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding the packed values and 4-bit
+indices in registers into a ``BLOCK_N x 4*BLOCK_G`` tile with zeros at the pruned positions for the same
+MMA. W is never decompressed in memory. With ``SPLIT_K > 1`` (few output tiles, long K) programs split
+both walks and add partial sums into an fp32 buffer with atomics.
+
+Prefill (M >= ``PREFILL_MIN_M``): ``_spense_unpack_kernel`` rebuilds W into a temporary (bandwidth-bound,
+small next to an M >= 256 GEMM) and cuBLAS multiplies; the temporary is freed after the call.
 
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
 bound by the weight bytes read (0.67x dense at rho = 0.25), which is where the speedup comes from.
@@ -31,9 +34,22 @@ from vllm_spense.kernels.reference import group_channels
 
 
 @triton.jit
+def _expand_2_4(values, meta, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """[BLOCK_N, 2*BLOCK_G] kept values + [BLOCK_N, BLOCK_G/2] metadata bytes -> [BLOCK_N, 4*BLOCK_G] weights."""
+    nibble = tl.reshape(tl.join(meta & 0xF, meta >> 4), (BLOCK_N, BLOCK_G))  # group 2j low, 2j+1 high nibble
+    first, second = tl.split(tl.reshape(values, (BLOCK_N, BLOCK_G, 2)))
+    i0 = (nibble & 0x3)[:, :, None]
+    i1 = (nibble >> 2)[:, :, None]
+    position = tl.arange(0, 4)[None, None, :]
+    zero = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=values.dtype)
+    w = tl.where(i0 == position, first[:, :, None], tl.where(i1 == position, second[:, :, None], zero))
+    return tl.reshape(w, (BLOCK_N, 4 * BLOCK_G))
+
+
+@triton.jit
 def _spense_gemm_kernel(
     # pointers
-    x_ptr, dense_w_ptr, sparse_w_ptr, meta_ptr, dense_ch_ptr, sparse_ch_ptr, bias_ptr, out_ptr,
+    x_ptr, dense_w_ptr, sparse_w_ptr, meta_ptr, bias_ptr, out_ptr,
     # sizes
     M, N, KD, GS,
     # strides (last dimensions are contiguous)
@@ -51,13 +67,12 @@ def _spense_gemm_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
-    # Dense region: gathered activation columns times the stored dense columns.
+    # Dense region: columns [0, KD) of the permuted activations times the stored dense columns.
     offs_kd = tl.arange(0, BLOCK_KD)
     for k0 in range(pid_k * BLOCK_KD, KD, SPLIT_K * BLOCK_KD):
         kk = k0 + offs_kd
         mask_k = kk < KD
-        channels = tl.load(dense_ch_ptr + kk, mask=mask_k, other=0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + channels[None, :],
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
@@ -70,25 +85,15 @@ def _spense_gemm_kernel(
     offs_v = tl.arange(0, 2 * BLOCK_G)
     offs_b = tl.arange(0, BLOCK_G // 2)
     offs_c = tl.arange(0, 4 * BLOCK_G)
-    position = tl.arange(0, 4)
     for g0 in range(pid_k * BLOCK_G, GS, SPLIT_K * BLOCK_G):
         values = tl.load(sparse_w_ptr + offs_n[:, None] * stride_swn + (2 * g0 + offs_v)[None, :],
                          mask=mask_n[:, None] & ((2 * g0 + offs_v) < 2 * GS)[None, :], other=0.0)
         meta = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (g0 // 2 + offs_b)[None, :],
                        mask=mask_n[:, None] & ((g0 // 2 + offs_b) < GS // 2)[None, :], other=0x4)
-        meta = meta.to(tl.int32)
-        nibble = tl.reshape(tl.join(meta & 0xF, meta >> 4), (BLOCK_N, BLOCK_G))  # group 2j low, 2j+1 high
-        first, second = tl.split(tl.reshape(values, (BLOCK_N, BLOCK_G, 2)))
-        i0 = (nibble & 0x3)[:, :, None]
-        i1 = (nibble >> 2)[:, :, None]
-        zero = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=values.dtype)
-        w = tl.where(i0 == position[None, None, :], first[:, :, None],
-                     tl.where(i1 == position[None, None, :], second[:, :, None], zero))
-        w = tl.reshape(w, (BLOCK_N, 4 * BLOCK_G))
+        w = _expand_2_4(values, meta.to(tl.int32), BLOCK_N, BLOCK_G)
         cc = 4 * g0 + offs_c
         mask_c = cc < 4 * GS
-        channels = tl.load(sparse_ch_ptr + cc, mask=mask_c, other=0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + channels[None, :],
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + KD + cc[None, :],
                     mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         if FP32_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
@@ -106,15 +111,53 @@ def _spense_gemm_kernel(
         tl.atomic_add(out_ptrs, acc, mask=out_mask)
 
 
+@triton.jit
+def _spense_unpack_kernel(
+    dense_w_ptr, sparse_w_ptr, meta_ptr, dense_ch_ptr, sparse_ch_ptr, out_ptr,
+    N, KD, GS,
+    stride_dwn, stride_swn, stride_metan, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Rebuild W [N, K] in its original channel order (zeros at pruned positions) for the prefill path."""
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    # This program's share of the dense columns: 4 * BLOCK_G of them.
+    kk = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
+    mask_k = kk < KD
+    channels = tl.load(dense_ch_ptr + kk, mask=mask_k, other=0)
+    w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :])
+    tl.store(out_ptr + offs_n[:, None] * stride_on + channels[None, :], w, mask=mask_n[:, None] & mask_k[None, :])
+    # And BLOCK_G of the 2:4 groups.
+    g0 = pid_g * BLOCK_G
+    offs_v = tl.arange(0, 2 * BLOCK_G)
+    offs_b = tl.arange(0, BLOCK_G // 2)
+    values = tl.load(sparse_w_ptr + offs_n[:, None] * stride_swn + (2 * g0 + offs_v)[None, :],
+                     mask=mask_n[:, None] & ((2 * g0 + offs_v) < 2 * GS)[None, :], other=0.0)
+    meta = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (g0 // 2 + offs_b)[None, :],
+                   mask=mask_n[:, None] & ((g0 // 2 + offs_b) < GS // 2)[None, :], other=0x4).to(tl.int32)
+    w = _expand_2_4(values, meta, BLOCK_N, BLOCK_G)
+    cc = 4 * g0 + tl.arange(0, 4 * BLOCK_G)
+    mask_c = cc < 4 * GS
+    channels = tl.load(sparse_ch_ptr + cc, mask=mask_c, other=0)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + channels[None, :], w, mask=mask_n[:, None] & mask_c[None, :])
+
+
 @dataclasses.dataclass(frozen=True)
 class SpenseGemmWeight:
-    """The packed tensors plus the channel maps the kernel gathers with; built once per weight."""
+    """The packed tensors plus the channel maps, built once per weight (``process_weights_after_loading``).
+
+    ``channel_perm [K]`` lists the dense channels, then the 2:4 channels: ``x[:, channel_perm]`` is the
+    activation layout the fused kernel reads with plain contiguous loads.
+    """
 
     dense_weight: torch.Tensor
     sparse_weight: torch.Tensor
     sparse_meta: torch.Tensor
     dense_channels: torch.Tensor
     sparse_channels: torch.Tensor
+    channel_perm: torch.Tensor
     n: int
     k: int
 
@@ -124,7 +167,7 @@ class SpenseGemmWeight:
         n, k = packed.shape
         return cls(packed.dense_weight.contiguous(), packed.sparse_weight.contiguous(),
                    packed.sparse_meta.contiguous(), dense_ch.to(torch.int32).contiguous(),
-                   sparse_ch.to(torch.int32).contiguous(), n, k)
+                   sparse_ch.to(torch.int32).contiguous(), torch.cat((dense_ch, sparse_ch)).contiguous(), n, k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,33 +181,33 @@ class KernelConfig:
     num_stages: int
 
 
+UNPACK_AND_CUBLAS = KernelConfig(0, 64, 0, 32, 1, 4, 1)  # prefill: rebuild W once per call, then cuBLAS
+PREFILL_MIN_M = 256
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Decode (small M): narrow tiles and split-K to put every SM on the weight bytes. Prefill: big tiles."""
-    if m <= 64:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        block_n = 64
-        tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-        sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
-        split_k = max(1, min(16, (2 * sms) // max(tiles, 1), k // 512))
-        return KernelConfig(block_m, block_n, 128, 32, split_k, num_warps=4, num_stages=4)
-    if m <= 256:
-        return KernelConfig(64, 128, 64, 16, 1, num_warps=4, num_stages=4)
-    return KernelConfig(128, 128, 64, 16, 1, num_warps=8, num_stages=3)
+    """Decode (small M): narrow tiles, split-K until every SM streams weights. Prefill: unpack + cuBLAS."""
+    if m >= PREFILL_MIN_M:
+        return UNPACK_AND_CUBLAS
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n = 64
+    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    split_k = max(1, min(8, (2 * sms) // max(tiles, 1), k // 512))
+    return KernelConfig(block_m, block_n, 128, 32, split_k, num_warps=4, num_stages=4)
 
 
 def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None) -> None:
-    """Every shape, dtype and stride the kernel relies on, checked before launch."""
+    """Every shape, dtype and stride the kernels rely on, checked before launch."""
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"spense_gemm: x must be [M, {weight.k}], found {list(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"spense_gemm: x dtype must be float16, bfloat16 or float32, found {x.dtype}")
-    if x.stride(1) != 1:
-        raise ValueError("spense_gemm: x must have a contiguous last dimension")
     kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
     expected = {"dense_weight": ((weight.n, kd), x.dtype), "sparse_weight": ((weight.n, 2 * gs), x.dtype),
                 "sparse_meta": ((weight.n, gs // 2), torch.uint8)}
@@ -175,7 +218,7 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
                              f"found {tensor.dtype} {list(tensor.shape)}")
         if tensor.device != x.device:
             raise ValueError(f"spense_gemm: {name} is on {tensor.device}, x on {x.device}")
-    if kd + 4 * gs != weight.k or gs % 2:
+    if kd + 4 * gs != weight.k or gs % 2 or weight.channel_perm.numel() != weight.k:
         raise ValueError(f"spense_gemm: {kd} dense + {4 * gs} 2:4 channels do not make K={weight.k} "
                          f"with an even number of 2:4 groups")
     for name in ("dense_channels", "sparse_channels"):
@@ -186,9 +229,21 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
         raise ValueError(f"spense_gemm: bias must be [{weight.n}] on {x.device}, found {list(bias.shape)}")
 
 
+def unpack_weight(weight: SpenseGemmWeight, block_n: int = 64, block_g: int = 32) -> torch.Tensor:
+    """W [N, K] rebuilt by the unpack kernel; a temporary, never kept."""
+    out = torch.empty(weight.n, weight.k, device=weight.dense_weight.device, dtype=weight.dense_weight.dtype)
+    kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
+    steps = max(triton.cdiv(gs, block_g), triton.cdiv(kd, 4 * block_g), 1)
+    _spense_unpack_kernel[(triton.cdiv(weight.n, block_n), steps)](
+        weight.dense_weight, weight.sparse_weight, weight.sparse_meta, weight.dense_channels, weight.sparse_channels,
+        out, weight.n, kd, gs, weight.dense_weight.stride(0), weight.sparse_weight.stride(0),
+        weight.sparse_meta.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_G=block_g)
+    return out
+
+
 def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None = None,
                 config: KernelConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ W^T + bias -> [M, N]`` in x's dtype; the tile choice by M happens here."""
+    """``x [M, K] @ W^T + bias -> [M, N]`` in x's dtype; the path and tiles are chosen here, by M."""
     check_inputs(x, weight, bias)
     m = x.shape[0]
     if out is not None and (out.shape != (m, weight.n) or out.dtype != x.dtype or not out.is_contiguous()):
@@ -197,15 +252,18 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     result = out if out is not None else torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return result
+    if config.block_m == 0:  # prefill: W is rebuilt into a temporary and cuBLAS does the GEMM
+        w = unpack_weight(weight, config.block_n, config.block_g)
+        return result.copy_(torch.nn.functional.linear(x, w, bias))
+    x_perm = x.index_select(1, weight.channel_perm)  # dense channels first, then the 2:4 channels
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
     grid = (triton.cdiv(weight.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     _spense_gemm_kernel[grid](
-        x, weight.dense_weight, weight.sparse_weight, weight.sparse_meta, weight.dense_channels,
-        weight.sparse_channels, bias if bias is not None else x, acc,
+        x_perm, weight.dense_weight, weight.sparse_weight, weight.sparse_meta, bias if bias is not None else x, acc,
         m, weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE,
-        x.stride(0), weight.dense_weight.stride(0), weight.sparse_weight.stride(0), weight.sparse_meta.stride(0),
-        acc.stride(0),
+        x_perm.stride(0), weight.dense_weight.stride(0), weight.sparse_weight.stride(0),
+        weight.sparse_meta.stride(0), acc.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=config.split_k, FP32_DOT=x.dtype == torch.float32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
         num_warps=config.num_warps, num_stages=config.num_stages,

@@ -6,12 +6,15 @@ script benchmarks/check_kernels_gpu.py covers bf16 and the real compiler.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import pack
-from vllm_spense.kernels.spense_gemm import KernelConfig, SpenseGemmWeight, choose_config, spense_gemm
+from vllm_spense.kernels.spense_gemm import (UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight, choose_config,
+                                             spense_gemm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
@@ -19,7 +22,8 @@ SHAPES = [(37, 192, 64, 2), (129, 256, 128, 8), (70, 128, 128, 0), (33, 384, 128
 CONFIGS = {
     "decode": KernelConfig(16, 64, 128, 32, 1, 4, 2),
     "decode split-k": KernelConfig(16, 64, 64, 16, 3, 4, 2),
-    "prefill": KernelConfig(64, 128, 64, 16, 1, 4, 2),
+    "mid": KernelConfig(64, 128, 64, 16, 1, 4, 2),
+    "prefill (unpack + GEMM)": UNPACK_AND_CUBLAS,
 }
 
 
@@ -51,7 +55,7 @@ def test_gemm_matches_fp64(dtype, shape, m, path):
 
 def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     assert choose_config(1, 4096, 4096, torch.device("cpu")).block_m == 16
-    assert choose_config(4096, 4096, 4096, torch.device("cpu")).block_m == 128
+    assert choose_config(4096, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
 
 
 def test_bad_inputs_are_refused_before_launch():
@@ -61,8 +65,9 @@ def test_bad_inputs_are_refused_before_launch():
         spense_gemm(torch.randn(2, 191, dtype=torch.float16, device=DEVICE), gemm_weight)
     with pytest.raises(ValueError, match="dense_weight must be torch.float32"):
         spense_gemm(torch.randn(2, 192, device=DEVICE), gemm_weight)
-    with pytest.raises(ValueError, match="contiguous last dimension"):
-        spense_gemm(torch.randn(192, 2, dtype=torch.float16, device=DEVICE).t(), gemm_weight)
+    bad_meta = dataclasses.replace(gemm_weight, sparse_meta=gemm_weight.sparse_meta[:, :-1])
+    with pytest.raises(ValueError, match="sparse_meta must be torch.uint8 \\[37, 21\\].*found torch.uint8 \\[37, 20\\]"):
+        spense_gemm(torch.randn(2, 192, dtype=torch.float16, device=DEVICE), bad_meta)
     with pytest.raises(ValueError, match="bias must be \\[37\\]"):
         spense_gemm(torch.randn(2, 192, dtype=torch.float16, device=DEVICE), gemm_weight,
                     torch.randn(36, dtype=torch.float16, device=DEVICE))
