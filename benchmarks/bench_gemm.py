@@ -76,17 +76,17 @@ def sweep_decode(path: str | None) -> None:
         for m in (1, 16):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
             timings = {}
-            for block_n, (block_kd, block_g), split_k in itertools.product(
-                    (32, 64, 128), ((128, 32), (256, 64)), (1, 2, 4, 8)):
-                config = KernelConfig(16, block_n, block_kd, block_g, split_k, 4, 4)
+            for block_n, (block_kd, block_g), split_k, stages in itertools.product(
+                    (16, 32, 64), ((128, 32), (64, 16)), (1, 2, 4, 8), (3, 5)):
+                config = KernelConfig(16, block_n, block_kd, block_g, split_k, 4, stages)
                 try:
-                    timings[str((block_n, block_kd, block_g, split_k))] = timed(
+                    timings[str((block_n, block_kd, block_g, split_k, stages))] = timed(
                         lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
                 except Exception as error:  # noqa: BLE001 - a config that does not compile is skipped
                     print(name, m, config, error)
             best = min(timings, key=timings.get)
             results.append({"shape": name, "m": m, "best": best, "best_us": timings[best], "timings_us": timings})
-            print(f"sweep {name} m={m}: best (block_n, block_kd, block_g, split_k) = {best} {timings[best]:.1f} us",
+            print(f"sweep {name} m={m}: best (block_n, block_kd, block_g, split_k, stages) = {best} {timings[best]:.1f} us",
                   flush=True)
         del ws
         torch.cuda.empty_cache()

@@ -34,16 +34,22 @@ from vllm_spense.kernels.reference import group_channels
 
 
 @triton.jit
-def _expand_2_4(values, meta, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """[BLOCK_N, 2*BLOCK_G] kept values + [BLOCK_N, BLOCK_G/2] metadata bytes -> [BLOCK_N, 4*BLOCK_G] weights."""
-    nibble = tl.reshape(tl.join(meta & 0xF, meta >> 4), (BLOCK_N, BLOCK_G))  # group 2j low, 2j+1 high nibble
-    first, second = tl.split(tl.reshape(values, (BLOCK_N, BLOCK_G, 2)))
-    i0 = (nibble & 0x3)[:, :, None]
-    i1 = (nibble >> 2)[:, :, None]
-    position = tl.arange(0, 4)[None, None, :]
-    zero = tl.zeros((BLOCK_N, BLOCK_G, 4), dtype=values.dtype)
-    w = tl.where(i0 == position, first[:, :, None], tl.where(i1 == position, second[:, :, None], zero))
-    return tl.reshape(w, (BLOCK_N, 4 * BLOCK_G))
+def _load_2_4_tile(pairs_ptr, meta_ptr, offs_n, gg, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr):
+    """Kept values and positions of a [BLOCK_N, BLOCK_G] tile of 2:4 groups.
+
+    Each group's two values are read as one word (int32 for 16-bit values, int64 for fp32): one
+    contiguous, vectorisable load instead of two strided ones. Returns (first, second, i0, i1).
+    """
+    words = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + gg[None, :], mask=mask, other=0)
+    if VALUE_DTYPE == tl.float32:
+        first = words.to(tl.int32).to(tl.float32, bitcast=True)
+        second = (words >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        first = words.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        second = (words >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+    byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (gg // 2)[None, :], mask=mask, other=0x44)
+    nibble = (byte.to(tl.int32) >> ((gg % 2) * 4)[None, :]) & 0xF  # group 2j: low nibble, 2j+1: high
+    return first, second, nibble & 0x3, nibble >> 2
 
 
 @triton.jit
@@ -81,24 +87,22 @@ def _spense_gemm_kernel(
         else:
             acc = tl.dot(x, tl.trans(w), acc)
 
-    # 2:4 region: BLOCK_G groups = 2*BLOCK_G stored values = 4*BLOCK_G input channels per step.
-    offs_v = tl.arange(0, 2 * BLOCK_G)
-    offs_b = tl.arange(0, BLOCK_G // 2)
-    offs_c = tl.arange(0, 4 * BLOCK_G)
+    # 2:4 region, BLOCK_G groups per step. Position p of every group is one [BLOCK_N, BLOCK_G] weight tile
+    # (the kept value landing at p, else 0) against activation columns 4g + p: four MMAs, no reshapes.
+    offs_g = tl.arange(0, BLOCK_G)
     for g0 in range(pid_k * BLOCK_G, GS, SPLIT_K * BLOCK_G):
-        values = tl.load(sparse_w_ptr + offs_n[:, None] * stride_swn + (2 * g0 + offs_v)[None, :],
-                         mask=mask_n[:, None] & ((2 * g0 + offs_v) < 2 * GS)[None, :], other=0.0)
-        meta = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (g0 // 2 + offs_b)[None, :],
-                       mask=mask_n[:, None] & ((g0 // 2 + offs_b) < GS // 2)[None, :], other=0x4)
-        w = _expand_2_4(values, meta.to(tl.int32), BLOCK_N, BLOCK_G)
-        cc = 4 * g0 + offs_c
-        mask_c = cc < 4 * GS
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + KD + cc[None, :],
-                    mask=mask_m[:, None] & mask_c[None, :], other=0.0)
-        if FP32_DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        gg = g0 + offs_g
+        mask_g = gg < GS
+        first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask_n[:, None] & mask_g[None, :],
+                                               stride_swn, stride_metan, dense_w_ptr.dtype.element_ty)
+        for p in tl.static_range(4):
+            w = tl.where(i0 == p, first, tl.where(i1 == p, second, tl.zeros_like(first)))
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + KD + (4 * gg + p)[None, :],
+                        mask=mask_m[:, None] & mask_g[None, :], other=0.0)
+            if FP32_DOT:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
 
     if HAS_BIAS:
         if pid_k == 0:
@@ -129,19 +133,15 @@ def _spense_unpack_kernel(
     channels = tl.load(dense_ch_ptr + kk, mask=mask_k, other=0)
     w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :])
     tl.store(out_ptr + offs_n[:, None] * stride_on + channels[None, :], w, mask=mask_n[:, None] & mask_k[None, :])
-    # And BLOCK_G of the 2:4 groups.
-    g0 = pid_g * BLOCK_G
-    offs_v = tl.arange(0, 2 * BLOCK_G)
-    offs_b = tl.arange(0, BLOCK_G // 2)
-    values = tl.load(sparse_w_ptr + offs_n[:, None] * stride_swn + (2 * g0 + offs_v)[None, :],
-                     mask=mask_n[:, None] & ((2 * g0 + offs_v) < 2 * GS)[None, :], other=0.0)
-    meta = tl.load(meta_ptr + offs_n[:, None] * stride_metan + (g0 // 2 + offs_b)[None, :],
-                   mask=mask_n[:, None] & ((g0 // 2 + offs_b) < GS // 2)[None, :], other=0x4).to(tl.int32)
-    w = _expand_2_4(values, meta, BLOCK_N, BLOCK_G)
-    cc = 4 * g0 + tl.arange(0, 4 * BLOCK_G)
-    mask_c = cc < 4 * GS
-    channels = tl.load(sparse_ch_ptr + cc, mask=mask_c, other=0)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + channels[None, :], w, mask=mask_n[:, None] & mask_c[None, :])
+    # And BLOCK_G of the 2:4 groups, one position at a time.
+    gg = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
+    mask = mask_n[:, None] & (gg < GS)[None, :]
+    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask, stride_swn, stride_metan,
+                                           dense_w_ptr.dtype.element_ty)
+    for p in tl.static_range(4):
+        w = tl.where(i0 == p, first, tl.where(i1 == p, second, tl.zeros_like(first)))
+        channels = tl.load(sparse_ch_ptr + 4 * gg + p, mask=gg < GS, other=0)
+        tl.store(out_ptr + offs_n[:, None] * stride_on + channels[None, :], w, mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +160,11 @@ class SpenseGemmWeight:
     channel_perm: torch.Tensor
     n: int
     k: int
+
+    @property
+    def sparse_pairs(self) -> torch.Tensor:
+        """sparse_weight seen as one word per 2:4 group (its two values): int32 for 16-bit, int64 for fp32."""
+        return self.sparse_weight.view(torch.int64 if self.sparse_weight.dtype == torch.float32 else torch.int32)
 
     @classmethod
     def from_packed(cls, packed: PackedSpenseWeight) -> "SpenseGemmWeight":
@@ -191,14 +196,15 @@ def _num_sms(device_index: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Decode (small M): narrow tiles, split-K until every SM streams weights. Prefill: unpack + cuBLAS."""
+    """Tiles by M. Decode: 32-row tiles and split-K until about 4 programs per SM per 4096 channels of K
+    stream weights (the decode sweep in docs/KERNELS.md); prefill: unpack + cuBLAS."""
     if m >= PREFILL_MIN_M:
         return UNPACK_AND_CUBLAS
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64
+    block_n = 32 if m <= 32 else 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
-    split_k = max(1, min(8, (2 * sms) // max(tiles, 1), k // 512))
+    split_k = max(1, min(8, (4 * sms * k) // (4096 * tiles), k // 512))
     return KernelConfig(block_m, block_n, 128, 32, split_k, num_warps=4, num_stages=4)
 
 
@@ -235,8 +241,8 @@ def unpack_weight(weight: SpenseGemmWeight, block_n: int = 64, block_g: int = 32
     kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
     steps = max(triton.cdiv(gs, block_g), triton.cdiv(kd, 4 * block_g), 1)
     _spense_unpack_kernel[(triton.cdiv(weight.n, block_n), steps)](
-        weight.dense_weight, weight.sparse_weight, weight.sparse_meta, weight.dense_channels, weight.sparse_channels,
-        out, weight.n, kd, gs, weight.dense_weight.stride(0), weight.sparse_weight.stride(0),
+        weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, weight.dense_channels, weight.sparse_channels,
+        out, weight.n, kd, gs, weight.dense_weight.stride(0), weight.sparse_pairs.stride(0),
         weight.sparse_meta.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_G=block_g)
     return out
 
@@ -260,9 +266,9 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
     grid = (triton.cdiv(weight.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
     _spense_gemm_kernel[grid](
-        x_perm, weight.dense_weight, weight.sparse_weight, weight.sparse_meta, bias if bias is not None else x, acc,
+        x_perm, weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, bias if bias is not None else x, acc,
         m, weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE,
-        x_perm.stride(0), weight.dense_weight.stride(0), weight.sparse_weight.stride(0),
+        x_perm.stride(0), weight.dense_weight.stride(0), weight.sparse_pairs.stride(0),
         weight.sparse_meta.stride(0), acc.stride(0),
         HAS_BIAS=bias is not None, SPLIT_K=config.split_k, FP32_DOT=x.dtype == torch.float32,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
