@@ -19,8 +19,8 @@ import torch.nn.functional as F
 import triton
 import triton.testing
 
-from vllm_spense.format import pack
-from vllm_spense.kernels.spense_gemm import SpenseGemmWeight, spense_gemm
+from benchmarks_common import spense_weight_for
+from vllm_spense.kernels.spense_gemm import spense_gemm
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 SHAPES = {  # name: (N, K)
@@ -39,17 +39,6 @@ def copy_bandwidth() -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
     return 2 * src.numel() / (ms * 1e-3)
-
-
-def spense_weight(weight: torch.Tensor, rho: float) -> SpenseGemmWeight:
-    """Magnitude 2:4 outside a random balanced dense region (values do not change the speed)."""
-    n, k = weight.shape
-    dense = int(rho * 32)
-    mask = torch.zeros(k // 128, 32, dtype=torch.bool, device=weight.device)
-    for chunk in mask:
-        chunk[torch.randperm(32, device=weight.device)[:dense]] = True
-    mask = mask.reshape(-1)
-    return SpenseGemmWeight.from_packed(pack(magnitude_2_4(weight, mask), mask, 128))
 
 
 def weight_bytes(w) -> int:
@@ -72,7 +61,7 @@ def sweep_decode(path: str | None) -> None:
         n, k = SHAPES[name]
         base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))
-        ws = [spense_weight(base, 0.25) for _ in range(copies)]
+        ws = [spense_weight_for(base, 0.25) for _ in range(copies)]
         for m in (1, 16):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
             timings = {}
@@ -116,7 +105,7 @@ def main() -> None:
         dense_ws = [base.clone() for _ in range(copies)]
         variants = {"cublas": (dense_ws, lambda w, x: F.linear(x, w))}
         for rho in RHOS:
-            sw = [spense_weight(base, rho) for _ in range(copies)]
+            sw = [spense_weight_for(base, rho) for _ in range(copies)]
             variants[f"spense rho={rho}"] = (sw, lambda w, x: spense_gemm(x, w))
         try:
             from torch.sparse import to_sparse_semi_structured
