@@ -34,5 +34,6 @@ setup(
             "spense-prune=vllm_spense.offline.cli:main",
             "spense-eval=vllm_spense.offline.evaluate:main",
         ],
+        "vllm.general_plugins": ["spense = vllm_spense:register"],
     },
 )

@@ -11,6 +11,7 @@ another call's weights from L2. The bandwidth floor of a call is the bytes it mu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 
@@ -53,31 +54,41 @@ def timed(make_call, weights, xs) -> float:
 
 
 def sweep_decode(path: str | None) -> None:
-    """Time decode tile configs on the Qwen3-8B shapes at rho = 0.25 (what choose_config encodes)."""
+    """Time decode tile configs on the Qwen3-8B shapes at rho = 0.25 (what choose_config encodes):
+    the CUDA-core gemv kernel at M = 1 and 4, the MMA kernel at M = 8 and 16."""
     from vllm_spense.kernels.spense_gemm import KernelConfig
 
+    gemv = [KernelConfig(0, block_n, kd, g, split_k, warps, 3, "gemv")
+            for block_n, (kd, g), split_k, warps in itertools.product(
+                (32, 64, 128), ((64, 32), (128, 64), (64, 16)), (1, 2, 4, 8), (4, 8))]
+    mma = [KernelConfig(16, block_n, kd, g, split_k, 4, stages)
+           for block_n, (kd, g), split_k, stages in itertools.product((32, 64), ((128, 32), (64, 16)), (1, 2, 4, 8),
+                                                                     (3, 5))]
     results = []
     for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
         n, k = SHAPES[name]
         base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))
         ws = [spense_weight_for(base, 0.25) for _ in range(copies)]
-        for m in (1, 16):
+        dense_ws = [base.clone() for _ in range(copies)]
+        for m in (1, 4, 8, 16):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            cublas_us = timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3
             timings = {}
-            for block_n, (block_kd, block_g), split_k, stages in itertools.product(
-                    (16, 32, 64), ((128, 32), (64, 16)), (1, 2, 4, 8), (3, 5)):
-                config = KernelConfig(16, block_n, block_kd, block_g, split_k, 4, stages)
+            for config in (gemv if m <= 4 else mma):
+                if config.kernel == "gemv":
+                    config = dataclasses.replace(config, block_m=triton.next_power_of_2(m))
+                    if config.block_m * config.block_n * max(config.block_kd, config.block_g) > 64 * 32 * config.num_warps:
+                        continue  # the fp32 partial-product tile would not fit in registers
                 try:
-                    timings[str((block_n, block_kd, block_g, split_k, stages))] = timed(
-                        lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
+                    timings[str(config)] = timed(lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
                 except Exception as error:  # noqa: BLE001 - a config that does not compile is skipped
                     print(name, m, config, error)
             best = min(timings, key=timings.get)
-            results.append({"shape": name, "m": m, "best": best, "best_us": timings[best], "timings_us": timings})
-            print(f"sweep {name} m={m}: best (block_n, block_kd, block_g, split_k, stages) = {best} {timings[best]:.1f} us",
-                  flush=True)
-        del ws
+            results.append({"shape": name, "m": m, "cublas_us": cublas_us, "best": best, "best_us": timings[best],
+                            "timings_us": timings})
+            print(f"sweep {name} m={m}: cuBLAS {cublas_us:.1f} us, best {timings[best]:.1f} us {best}", flush=True)
+        del ws, dense_ws
         torch.cuda.empty_cache()
     if path:
         with open(path, "w") as handle:

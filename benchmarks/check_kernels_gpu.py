@@ -37,13 +37,15 @@ def main() -> int:
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     failures, worst = 0, {}
     forced = {"split-k": KernelConfig(16, 64, 128, 32, 4, 4, 4), "no-split": KernelConfig(16, 64, 128, 32, 1, 4, 4)}
+    forced_gemv = {"gemv split-k": KernelConfig(4, 32, 64, 32, 4, 4, 3, "gemv"),
+                   "gemv no-split": KernelConfig(4, 64, 64, 16, 1, 4, 3, "gemv")}
     for dtype in (torch.bfloat16, torch.float16):
         for n, k, dense in SHAPES:
             weight, gemm = random_case(n, k, dense, dtype)
             bias = torch.randn(n, device="cuda", dtype=dtype)
             ref_w = weight.double()
             for m in MS:
-                paths = {"auto": None, **(forced if m <= 64 else {})}
+                paths = {"auto": None, **(forced if m <= 64 else {}), **(forced_gemv if m <= 4 else {})}
                 for path, config in paths.items():
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
@@ -52,7 +54,7 @@ def main() -> int:
                     ref = x.double() @ ref_w.t() + bias.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     used = config or choose_config(m, n, k, x.device)
-                    key = f"{str(dtype)[6:]} block_m={used.block_m} split_k>1={used.split_k > 1}"
+                    key = f"{str(dtype)[6:]} {used.kernel} block_m={used.block_m} split_k>1={used.split_k > 1}"
                     worst[key] = max(worst.get(key, 0.0), err)
                     if not (err < TOLERANCE[dtype]) or not torch.isfinite(out).all():
                         failures += 1

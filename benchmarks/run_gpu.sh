@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine (the CUDA image: torch, triton, transformers).
-# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|report|sweep|gemm|prune ...]   (default: check gemm prune)
+# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|report|sweep|gemm|prune ...]   (default: check plugin gemm prune)
 set -uo pipefail
 out=${1:-/tmp/spense-gpu}; shift || true
-steps=${*:-check gemm prune}
+steps=${*:-check plugin gemm prune}
 mkdir -p "$out"
 python3 -m pip install --no-deps --no-build-isolation --no-index -q . >/dev/null 2>&1 || echo "pip install failed"
 cd /tmp  # import the installed package, not the source folders
@@ -14,6 +14,7 @@ status=0
 for step in $steps; do
   case $step in
     check) python3 "$src/benchmarks/check_kernels_gpu.py" 2>&1 | tee "$out/check_kernels.txt" || status=1 ;;
+    plugin) python3 "$src/benchmarks/check_plugin_gpu.py" 2>&1 | tee "$out/check_plugin.txt" || status=1 ;;
     report) python3 "$src/benchmarks/kernel_report.py" 2>&1 | tee "$out/kernel_report.txt" || status=1 ;;
     sweep) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep.json" --shapes 2>&1 | grep sweep || status=1 ;;
     gemm)  python3 "$src/benchmarks/bench_gemm.py" --json "$out/bench_gemm.json" 2>&1 | tail -n 200 > "$out/bench_gemm.log" || status=1 ;;

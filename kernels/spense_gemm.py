@@ -5,7 +5,13 @@ Shapes (docs/FORMAT.md): ``x [M, K]`` fp16/bf16/fp32; ``dense_weight [N, KD]`` (
 (``SpenseGemmWeight``): ``dense_channels [KD]`` / ``sparse_channels [4 * GS]`` int32, the input channel of
 every dense column and of every position of every 2:4 group, and ``channel_perm = cat(dense, sparse)``.
 
-Decode and mid-size M (``_spense_gemm_kernel``): ``x`` is permuted once (``x[:, channel_perm]``, M*K
+Three paths, chosen by M in ``choose_config`` (inside ``spense_gemm``, which the vLLM custom op calls).
+
+Decode, M <= ``GEMV_MAX_M`` (``_spense_gemv_kernel``): CUDA-core FMAs over the same permuted activations;
+the activation under each kept 2:4 value is picked from its group's four with two selects. No MMA, so no
+register-layout conversion of the expanded tile.
+
+Small and mid-size M (``_spense_gemm_kernel``): ``x`` is permuted once (``x[:, channel_perm]``, M*K
 elements, a few microseconds) so both regions read contiguous activation columns. One program owns a
 ``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region in ``BLOCK_KD``
 steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding the packed values and 4-bit
@@ -17,7 +23,8 @@ Prefill (M >= ``PREFILL_MIN_M``): ``_spense_unpack_kernel`` rebuilds W into a te
 small next to an M >= 256 GEMM) and cuBLAS multiplies; the temporary is freed after the call.
 
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
-bound by the weight bytes read (0.67x dense at rho = 0.25), which is where the speedup comes from.
+bound by the weight bytes read (0.67x dense at rho = 0.25), which is where a speedup has to come from.
+Measured status against cuBLAS (far from that floor today): docs/KERNELS.md.
 """
 
 from __future__ import annotations
@@ -116,6 +123,70 @@ def _spense_gemm_kernel(
 
 
 @triton.jit
+def _spense_gemv_kernel(
+    x_ptr, dense_w_ptr, sparse_w_ptr, meta_ptr, bias_ptr, out_ptr,
+    M, N, KD, GS,
+    stride_xm, stride_dwn, stride_swn, stride_metan, stride_om,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    """Decode (M <= BLOCK_M, a few rows): CUDA-core FMAs, no MMA and so no register-layout conversions.
+
+    All M rows live in one program; partial products stay in a [BLOCK_M, BLOCK_N, columns] fp32 tile that
+    is reduced once at the end. For a 2:4 group the activation under each kept value is picked from the
+    group's four activations with two selects (first index is 0..2, second 1..3).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+
+    offs_kd = tl.arange(0, BLOCK_KD)
+    acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KD), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_KD, KD, SPLIT_K * BLOCK_KD):
+        kk = k0 + offs_kd
+        mask_k = kk < KD
+        w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+        acc_d += x[:, None, :] * w[None, :, :]
+    acc = tl.sum(acc_d, axis=2)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    acc_s = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
+    for g0 in range(pid_k * BLOCK_G, GS, SPLIT_K * BLOCK_G):
+        gg = g0 + offs_g
+        mask_g = gg < GS
+        first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask_n[:, None] & mask_g[None, :],
+                                               stride_swn, stride_metan, dense_w_ptr.dtype.element_ty)
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + KD + 4 * gg[None, :]
+        x_mask = mask_m[:, None] & mask_g[None, :]
+        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+        x1 = tl.load(x_ptrs + 1, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+        x2 = tl.load(x_ptrs + 2, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+        x3 = tl.load(x_ptrs + 3, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+        i0 = i0[None, :, :]
+        i1 = i1[None, :, :]
+        x_first = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
+        x_second = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+        acc_s += first.to(tl.float32)[None, :, :] * x_first + second.to(tl.float32)[None, :, :] * x_second
+    acc += tl.sum(acc_s, axis=2)
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
 def _spense_unpack_kernel(
     dense_w_ptr, sparse_w_ptr, meta_ptr, dense_ch_ptr, sparse_ch_ptr, out_ptr,
     N, KD, GS,
@@ -170,9 +241,16 @@ class SpenseGemmWeight:
     def from_packed(cls, packed: PackedSpenseWeight) -> "SpenseGemmWeight":
         dense_ch, sparse_ch = group_channels(packed.dense_mask)
         n, k = packed.shape
-        return cls(packed.dense_weight.contiguous(), packed.sparse_weight.contiguous(),
-                   packed.sparse_meta.contiguous(), dense_ch.to(torch.int32).contiguous(),
-                   sparse_ch.to(torch.int32).contiguous(), torch.cat((dense_ch, sparse_ch)).contiguous(), n, k)
+        return cls.from_channel_perm(packed.dense_weight, packed.sparse_weight, packed.sparse_meta,
+                                     torch.cat((dense_ch, sparse_ch)).to(torch.int32))
+
+    @classmethod
+    def from_channel_perm(cls, dense_weight: torch.Tensor, sparse_weight: torch.Tensor, sparse_meta: torch.Tensor,
+                          channel_perm: torch.Tensor) -> "SpenseGemmWeight":
+        """From the packed tensors and ``channel_perm`` (int32): what the custom op receives."""
+        kd = dense_weight.shape[1]
+        return cls(dense_weight.contiguous(), sparse_weight.contiguous(), sparse_meta.contiguous(),
+                   channel_perm[:kd], channel_perm[kd:], channel_perm, dense_weight.shape[0], channel_perm.numel())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,10 +262,12 @@ class KernelConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    kernel: str = "mma"  # "gemv" (CUDA-core FMAs, tiny M), "mma" (fused tl.dot) or "unpack" (+ cuBLAS)
 
 
-UNPACK_AND_CUBLAS = KernelConfig(0, 64, 0, 32, 1, 4, 1)  # prefill: rebuild W once per call, then cuBLAS
+UNPACK_AND_CUBLAS = KernelConfig(0, 64, 0, 32, 1, 4, 1, "unpack")  # prefill: rebuild W per call, then cuBLAS
 PREFILL_MIN_M = 256
+GEMV_MAX_M = 4
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,14 +276,18 @@ def _num_sms(device_index: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Tiles by M. Decode: 32-row tiles and split-K until about 4 programs per SM per 4096 channels of K
-    stream weights (the decode sweep in docs/KERNELS.md); prefill: unpack + cuBLAS."""
+    """Kernel and tiles by M. M <= 4: the CUDA-core gemv kernel, split-K to about 6 programs per SM;
+    M < 256: the MMA kernel, 16-32-row tiles, split-K until about 4 programs per SM per 4096 channels of K
+    (the decode sweeps in docs/KERNELS.md); prefill: unpack + cuBLAS."""
     if m >= PREFILL_MIN_M:
         return UNPACK_AND_CUBLAS
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
+    if m <= GEMV_MAX_M:  # tiles from the decode sweep (docs/measurements/sweep_decode_h200_v4.json)
+        split_k = max(1, min(8, (6 * sms) // triton.cdiv(n, 32), k // 256))
+        return KernelConfig(triton.next_power_of_2(m), 32, 64, 32, split_k, num_warps=4, num_stages=3, kernel="gemv")
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 32 if m <= 32 else 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
     split_k = max(1, min(8, (4 * sms * k) // (4096 * tiles), k // 512))
     return KernelConfig(block_m, block_n, 128, 32, split_k, num_warps=4, num_stages=4)
 
@@ -258,22 +342,27 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     result = out if out is not None else torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return result
-    if config.block_m == 0:  # prefill: W is rebuilt into a temporary and cuBLAS does the GEMM
+    if config.kernel == "unpack":  # prefill: W is rebuilt into a temporary and cuBLAS does the GEMM
         w = unpack_weight(weight, config.block_n, config.block_g)
         return result.copy_(torch.nn.functional.linear(x, w, bias))
     x_perm = x.index_select(1, weight.channel_perm)  # dense channels first, then the 2:4 channels
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
-    grid = (triton.cdiv(weight.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
-    _spense_gemm_kernel[grid](
-        x_perm, weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, bias if bias is not None else x, acc,
-        m, weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE,
-        x_perm.stride(0), weight.dense_weight.stride(0), weight.sparse_pairs.stride(0),
-        weight.sparse_meta.stride(0), acc.stride(0),
-        HAS_BIAS=bias is not None, SPLIT_K=config.split_k, FP32_DOT=x.dtype == torch.float32,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
+    args = (x_perm, weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, bias if bias is not None else x,
+            acc, m, weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE,
+            x_perm.stride(0), weight.dense_weight.stride(0), weight.sparse_pairs.stride(0),
+            weight.sparse_meta.stride(0), acc.stride(0))
+    tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
+                 num_warps=config.num_warps, num_stages=config.num_stages)
+    if config.kernel == "gemv":
+        if m > config.block_m:
+            raise ValueError(f"spense_gemm: the gemv kernel takes M <= block_m={config.block_m}, found M={m}")
+        grid = (triton.cdiv(weight.n, config.block_n), config.split_k)
+        _spense_gemv_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles)
+    else:
+        grid = (triton.cdiv(weight.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+        _spense_gemm_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
+                                  FP32_DOT=x.dtype == torch.float32, **tiles)
     if config.split_k > 1:
         result.copy_(acc)
     return result

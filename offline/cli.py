@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dense-fraction", type=float, default=0.25, help="share of input-channel groups kept "
                         "dense; 0 gives plain 2:4 (default 0.25)")
     parser.add_argument("--method", choices=METHODS, default="spensegpt")
-    parser.add_argument("--selection", choices=SELECTIONS, default="activation", help="how dense groups are chosen")
+    parser.add_argument("--selection", choices=SELECTIONS, default="error", help="how dense groups are chosen (error: best measured, docs/QUALITY.md)")
     parser.add_argument("--order", choices=ORDERS, default="dense-last", help="OBS sweep order (default: dense "
                         "groups last, so they absorb every pruned group's error)")
     parser.add_argument("--nsamples", type=int, default=64, help="calibration windows (default 64)")

@@ -38,7 +38,7 @@ class PruneError(ValueError):
 class PruneRecipe:
     method: str = "spensegpt"
     dense_fraction: float = 0.25
-    selection: str = "activation"
+    selection: str = "error"
     order: str = "dense-last"
     chunk_size: int | None = None  # None: the largest of 128, 64, ... that fits every layer
     blocksize: int = 128

@@ -14,7 +14,9 @@ if not torch.cuda.is_available():
 
 from vllm_spense.offline.calibration import CALIBRATION_GENRES, read_text, shakespeare_files
 
-TINY_PRUNE_ARGS = ["--nsamples", "8", "--seqlen", "64", "--dense-fraction", "0.25", "--device", "cpu"]
+# 64-channel chunks so the tiny model also splits over two tensor-parallel ranks (o_proj: K = 128).
+TINY_PRUNE_ARGS = ["--nsamples", "8", "--seqlen", "64", "--dense-fraction", "0.25", "--chunk-size", "64",
+                   "--device", "cpu"]
 
 
 def train_tokenizer(vocab_size: int = 512):
@@ -28,7 +30,10 @@ def train_tokenizer(vocab_size: int = 512):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator([read_text(shakespeare_files(CALIBRATION_GENRES)[:2])], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    return fast
 
 
 def make_tiny_model(folder: pathlib.Path, *, attention_bias: bool = True, seed: int = 0) -> pathlib.Path:
@@ -44,6 +49,12 @@ def make_tiny_model(folder: pathlib.Path, *, attention_bias: bool = True, seed: 
     model.save_pretrained(str(folder), safe_serialization=True)
     train_tokenizer().save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture
+def generator():
+    """Fresh random draws every run (the seed is in the failure's locals)."""
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
 
 
 @pytest.fixture(scope="session")

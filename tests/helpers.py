@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
+from safetensors.torch import load_file, save_file
 
 from vllm_spense.format import GROUP_SIZE
 
@@ -24,3 +27,19 @@ def random_pruned_weight(n: int, k: int, dense_mask: torch.Tensor, generator: to
     zeroed = torch.zeros_like(groups).scatter_(-1, drop, 1).bool() & ~dense_mask[None, :, None]
     groups[zeroed] = 0
     return weight
+
+
+SHARD = "model-00002-of-00003.safetensors"  # the tiny checkpoint's decoder layer 1
+
+
+def edit_shard(folder, edit, shard: str = SHARD) -> None:
+    """Rewrite one safetensors shard of a checkpoint folder after ``edit(tensors)``."""
+    tensors = load_file(str(folder / shard))
+    edit(tensors)
+    save_file(tensors, str(folder / shard))
+
+
+def edit_config(folder, edit) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))

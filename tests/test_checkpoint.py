@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from vllm_spense.checkpoint import dense_state_dict
+from vllm_spense.checkpoint import check_checkpoint_headers, dense_state_dict, read_config
 from vllm_spense.format import SpenseFormatError
 
+from tests.helpers import SHARD, edit_config, edit_shard
+
 LAYER = "model.layers.1.self_attn.k_proj"
-DOWN = "model.layers.1.mlp.down_proj"  # K = 384: three 128-channel chunks
-SHARD = "model-00002-of-00003.safetensors"  # layer 1
+DOWN = "model.layers.1.mlp.down_proj"  # K = 384: six 64-channel chunks
 
 
 @pytest.fixture
@@ -22,18 +22,6 @@ def broken(tiny_checkpoint, tmp_path):
     folder = tmp_path / "ckpt"
     shutil.copytree(tiny_checkpoint, folder)
     return folder
-
-
-def edit_shard(folder, edit):
-    tensors = load_file(str(folder / SHARD))
-    edit(tensors)
-    save_file(tensors, str(folder / SHARD))
-
-
-def edit_config(folder, edit):
-    config = json.loads((folder / "config.json").read_text())
-    edit(config)
-    (folder / "config.json").write_text(json.dumps(config))
 
 
 def test_valid_checkpoint_loads(tiny_checkpoint):
@@ -76,3 +64,30 @@ def test_broken_checkpoint_is_rejected(broken, case):
     corrupt(broken)
     with pytest.raises(SpenseFormatError, match=message):
         dense_state_dict(broken)
+
+
+HEADER_CASES = {
+    "missing tensor": f"layer {LAYER}: missing tensors \\['{LAYER}.sparse_meta'\\]",
+    "dense weight beside packed": f"layer {LAYER}: unexpected tensors \\['{LAYER}.weight'\\]",
+    "meta dtype": f"tensor {LAYER}.sparse_meta: expected dtype torch.uint8, found torch.int16",
+    "truncated values": f"tensor {LAYER}.sparse_weight: expected shape \\[64, 48\\], found \\[64, 46\\]",
+    "duplicate tensor": f"tensor {LAYER}.dense_mask is also stored in another file",
+}
+
+
+@pytest.mark.parametrize("case", sorted(HEADER_CASES))
+def test_header_check_rejects_without_reading_data(broken, case):
+    """What the plugin runs before vLLM starts workers: names, shapes and dtypes from the headers."""
+    _, quant = read_config(broken)
+    assert len(check_checkpoint_headers(broken, quant)) == 14
+    CASES[case][0](broken)
+    with pytest.raises(SpenseFormatError, match=HEADER_CASES[case]):
+        check_checkpoint_headers(broken, quant)
+
+
+def test_header_check_rejects_dense_weight_outside_ignore(broken):
+    _, quant = read_config(broken)
+    edit_shard(broken, lambda t: t.update({"model.layers.1.mlp.extra_proj.weight": torch.ones(8, 8)}))
+    with pytest.raises(SpenseFormatError, match="layer model.layers.1.mlp.extra_proj: stores a dense "
+                                                "model.layers.1.mlp.extra_proj.weight \\[8, 8\\] but is not in"):
+        check_checkpoint_headers(broken, quant)

@@ -15,11 +15,6 @@ SHAPES = [(37, 192, 64, 2), (5, 256, 128, 8), (130, 128, 128, 0), (3, 64, 32, 6)
 LAYER = "model.layers.3.mlp.down_proj"
 
 
-@pytest.fixture
-def generator():
-    return torch.Generator().manual_seed(torch.seed() % 2**31)
-
-
 def make(shape, generator, dtype=torch.float32):
     n, k, chunk, dense = shape
     mask = random_dense_mask(k, chunk, dense, generator)

@@ -30,7 +30,7 @@ def test_checkpoint_invariants(tiny_model_dir, tiny_checkpoint):
     config, quant = read_config(tiny_checkpoint)
     assert config["quantization_config"]["quant_method"] == "spense"
     assert "compressed-tensors" not in json.dumps(config)
-    assert quant.dense_fraction == 0.25 and quant.chunk_size == 128
+    assert quant.dense_fraction == 0.25 and quant.chunk_size == 64  # TINY_PRUNE_ARGS asks for 64
     tensors = read_tensors(tiny_checkpoint)
     original = read_tensors(tiny_model_dir)
     expected_layers = [f"model.layers.{i}.{t}" for i in range(2) for t in TARGETS]
@@ -142,3 +142,11 @@ def test_existing_output_and_foreign_partial_are_refused(tiny_model_dir, tiny_ch
     code, err = _run_cli([str(tiny_model_dir), "--out", str(out), *TINY_PRUNE_ARGS], capsys)
     assert code == 2 and "unfinished run with other settings" in err
     assert not out.exists()
+
+
+def test_chunk_size_defaults_to_the_largest_that_fits(tiny_model_dir):
+    from vllm_spense.offline.models import load_model
+
+    model, _ = load_model(tiny_model_dir)
+    assert pruner.resolve_chunk_size(model, pruner.PruneRecipe(dense_fraction=0.25)) == 128  # widths 128, 384
+    assert pruner.resolve_chunk_size(model, pruner.PruneRecipe(dense_fraction=0.25, chunk_size=64)) == 64

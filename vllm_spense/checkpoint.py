@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Callable, Mapping
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from vllm_spense.format import (LAYER_TENSORS, PackedSpenseWeight, SpenseFormatError, SpenseQuantConfig,
-                                SpenseTensor, unpack, validate)
+                                SpenseTensor, check_layout, unpack, validate)
 
 
 def read_config(folder: str | pathlib.Path) -> tuple[dict, SpenseQuantConfig | None]:
@@ -31,26 +32,75 @@ def read_config(folder: str | pathlib.Path) -> tuple[dict, SpenseQuantConfig | N
     return config, SpenseQuantConfig.from_dict(quant)
 
 
-def read_tensors(folder: str | pathlib.Path) -> dict[str, torch.Tensor]:
-    """Every tensor of every ``*.safetensors`` file in the folder; a name in two files is an error."""
-    folder = pathlib.Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
+_HEADER_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                  "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                  "F64": torch.float64}
+
+
+def _safetensors_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
+    files = sorted(pathlib.Path(folder).glob("*.safetensors"))
     if not files:
         raise SpenseFormatError(f"{folder}: no .safetensors files (pickled .bin/.pt weights are never loaded)")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
+    return files
+
+
+def _read(folder: str | pathlib.Path, read: Callable) -> dict:
+    """``{name: read(handle, name)}`` over every safetensors file; a name in two files is an error."""
+    found: dict = {}
+    for path in _safetensors_files(folder):
         try:
             with safe_open(str(path), framework="pt") as handle:
                 for name in handle.keys():
-                    if name in tensors:
+                    if name in found:
                         raise SpenseFormatError(f"{path.name}: tensor {name} is also stored in another file")
-                    tensors[name] = handle.get_tensor(name)
+                    found[name] = read(handle, name)
         except (SafetensorError, OSError) as error:
             raise SpenseFormatError(f"{path}: not a readable safetensors file ({error})") from None
-    return tensors
+    return found
 
 
-def spense_layers(tensors: dict[str, torch.Tensor]) -> list[str]:
+def read_tensors(folder: str | pathlib.Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every ``*.safetensors`` file in the folder."""
+    return _read(folder, lambda handle, name: handle.get_tensor(name))
+
+
+def read_layouts(folder: str | pathlib.Path) -> dict[str, tuple[list[int], torch.dtype | str]]:
+    """``{name: (shape, dtype)}`` from the safetensors headers alone: no tensor data is read."""
+    def layout(handle, name):
+        view = handle.get_slice(name)
+        return view.get_shape(), _HEADER_DTYPES.get(view.get_dtype(), view.get_dtype())
+    return _read(folder, layout)
+
+
+def check_checkpoint_headers(folder: str | pathlib.Path, quant: SpenseQuantConfig) -> list[str]:
+    """Names, shapes and dtypes of a whole checkpoint, from its headers (seconds even for large models).
+
+    Every Spense layer stores exactly its four tensors (plus an optional bias) with consistent shapes;
+    every other 2-D ``weight`` belongs to a module in ``ignore``. Returns the Spense layer names.
+    """
+    layouts = read_layouts(folder)
+    layers = spense_layers(layouts)
+    for layer in layers:
+        if quant.is_ignored(layer):
+            raise SpenseFormatError(f"layer {layer}: stores Spense tensors but quantization_config.ignore skips it")
+        unexpected = sorted(name for name in layouts if name.startswith(layer + ".")
+                            and name[len(layer) + 1:] not in {*(t.value for t in LAYER_TENSORS), "bias"})
+        if unexpected:
+            raise SpenseFormatError(f"layer {layer}: unexpected tensors {unexpected} beside the Spense tensors")
+        missing = [t.key(layer) for t in LAYER_TENSORS if t.key(layer) not in layouts]
+        if missing:
+            raise SpenseFormatError(f"layer {layer}: missing tensors {missing}")
+        check_layout({t: layouts[t.key(layer)] for t in LAYER_TENSORS}, quant.chunk_size, layer)
+    for name, (shape, _) in layouts.items():
+        module = name.rpartition(".")[0]
+        if name.endswith(".weight") and len(shape) == 2 and not quant.is_ignored(module):
+            raise SpenseFormatError(
+                f"layer {module}: stores a dense {name} {list(shape)} but is not in quantization_config.ignore; "
+                f"a Spense checkpoint stores targeted Linear layers as Spense tensors")
+    return layers
+
+
+def spense_layers(tensors: Mapping[str, object]) -> list[str]:
     """Layers that store any Spense tensor; each must then store all of them."""
     layers = set()
     for key in tensors:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -233,51 +233,77 @@ def unpack(packed: PackedSpenseWeight) -> torch.Tensor:
     return groups.reshape(n, k)
 
 
+def _fail(layer: str, tensor: SpenseTensor, message: str) -> None:
+    raise SpenseFormatError(f"layer {layer}, tensor {tensor.key(layer)}: {message}")
+
+
+def check_layout(layouts: Mapping[SpenseTensor, tuple[Sequence[int], torch.dtype]], chunk_size: int, layer: str,
+                 expected_shape: tuple[int, int] | None = None) -> int:
+    """Shapes and dtypes of one layer's tensors (all a safetensors header holds); returns the dense groups
+    per chunk that ``dense_weight``'s width implies."""
+    mask_shape, mask_dtype = layouts[SpenseTensor.DENSE_MASK]
+    if mask_dtype != torch.bool or len(mask_shape) != 1:
+        _fail(layer, SpenseTensor.DENSE_MASK,
+              f"expected a 1-D bool tensor, found {mask_dtype} of shape {list(mask_shape)}")
+    groups_per_chunk = chunk_size // GROUP_SIZE
+    num_groups = mask_shape[0]
+    if num_groups == 0 or num_groups % groups_per_chunk:
+        _fail(layer, SpenseTensor.DENSE_MASK,
+              f"{num_groups} groups ({num_groups * GROUP_SIZE} input channels) is not a whole number of "
+              f"{chunk_size}-channel chunks")
+    k = num_groups * GROUP_SIZE
+    n_chunks = k // chunk_size
+    if expected_shape is not None and k != expected_shape[1]:
+        _fail(layer, SpenseTensor.DENSE_MASK,
+              f"expected {expected_shape[1] // GROUP_SIZE} groups (K={expected_shape[1]}), found {num_groups} (K={k})")
+    dense_shape, dtype = layouts[SpenseTensor.DENSE_WEIGHT]
+    if dtype not in VALUE_DTYPES:
+        _fail(layer, SpenseTensor.DENSE_WEIGHT, f"expected dtype in {[str(d) for d in VALUE_DTYPES]}, found {dtype}")
+    if len(dense_shape) != 2:
+        _fail(layer, SpenseTensor.DENSE_WEIGHT, f"expected 2 dimensions, found shape {list(dense_shape)}")
+    n = expected_shape[0] if expected_shape is not None else dense_shape[0]
+    dense_per_chunk = dense_shape[1] // (GROUP_SIZE * n_chunks)
+    if dense_per_chunk * GROUP_SIZE * n_chunks != dense_shape[1] or dense_per_chunk % 2 or \
+            dense_per_chunk >= groups_per_chunk:
+        _fail(layer, SpenseTensor.DENSE_WEIGHT,
+              f"expected shape [{n}, {GROUP_SIZE} x {n_chunks} chunks x an even number of dense groups per "
+              f"chunk below {groups_per_chunk}], found {list(dense_shape)}")
+    g_sparse = num_groups - dense_per_chunk * n_chunks
+    expected = {
+        SpenseTensor.DENSE_WEIGHT: ([n, GROUP_SIZE * dense_per_chunk * n_chunks], dtype),
+        SpenseTensor.SPARSE_WEIGHT: ([n, SPARSE_KEPT * g_sparse], dtype),
+        SpenseTensor.SPARSE_META: ([n, g_sparse // 2], torch.uint8),
+    }
+    for tensor, (shape, want_dtype) in expected.items():
+        found_shape, found_dtype = layouts[tensor]
+        if found_dtype != want_dtype:
+            same = " (as dense_weight)" if tensor == SpenseTensor.SPARSE_WEIGHT else ""
+            _fail(layer, tensor, f"expected dtype {want_dtype}{same}, found {found_dtype}")
+        if list(found_shape) != shape:
+            _fail(layer, tensor, f"expected shape {shape}, found {list(found_shape)}")
+    return dense_per_chunk
+
+
 def validate(packed: PackedSpenseWeight, chunk_size: int, layer: str,
              expected_shape: tuple[int, int] | None = None) -> None:
     """Reject any inconsistency in one layer's tensors, naming the layer, tensor, expected and found."""
-    def fail(tensor: SpenseTensor, message: str) -> None:
-        raise SpenseFormatError(f"layer {layer}, tensor {tensor.key(layer)}: {message}")
-
     for tensor in LAYER_TENSORS:
         value = getattr(packed, tensor.value)
         if not isinstance(value, torch.Tensor):
-            fail(tensor, f"expected a tensor, found {type(value).__name__}")
-    dense_per_chunk = check_dense_mask(packed.dense_mask, chunk_size, layer)
-    k = packed.dense_mask.numel() * GROUP_SIZE
-    n_chunks = k // chunk_size
-    g_dense = dense_per_chunk * n_chunks
-    g_sparse = k // GROUP_SIZE - g_dense
-    dtype = packed.dense_weight.dtype
-    if dtype not in VALUE_DTYPES:
-        fail(SpenseTensor.DENSE_WEIGHT, f"expected dtype in {[str(d) for d in VALUE_DTYPES]}, found {dtype}")
-    if packed.sparse_weight.dtype != dtype:
-        fail(SpenseTensor.SPARSE_WEIGHT, f"expected dtype {dtype} (as dense_weight), found {packed.sparse_weight.dtype}")
-    if packed.sparse_meta.dtype != torch.uint8:
-        fail(SpenseTensor.SPARSE_META, f"expected dtype torch.uint8, found {packed.sparse_meta.dtype}")
-    n = packed.dense_weight.shape[0] if packed.dense_weight.dim() == 2 else -1
-    if expected_shape is not None:
-        exp_n, exp_k = expected_shape
-        if k != exp_k:
-            fail(SpenseTensor.DENSE_MASK, f"expected {exp_k // GROUP_SIZE} groups (K={exp_k}), found "
-                                          f"{packed.dense_mask.numel()} (K={k})")
-        n = exp_n
-    expected = {
-        SpenseTensor.DENSE_WEIGHT: [n, GROUP_SIZE * g_dense],
-        SpenseTensor.SPARSE_WEIGHT: [n, SPARSE_KEPT * g_sparse],
-        SpenseTensor.SPARSE_META: [n, g_sparse // 2],
-    }
-    for tensor, shape in expected.items():
-        found = list(getattr(packed, tensor.value).shape)
-        if found != shape:
-            fail(tensor, f"expected shape {shape}, found {found}")
+            _fail(layer, tensor, f"expected a tensor, found {type(value).__name__}")
+    layouts = {t: (tuple(getattr(packed, t.value).shape), getattr(packed, t.value).dtype) for t in LAYER_TENSORS}
+    dense_per_chunk = check_layout(layouts, chunk_size, layer, expected_shape)
+    in_mask = check_dense_mask(packed.dense_mask, chunk_size, layer)
+    if in_mask != dense_per_chunk:
+        _fail(layer, SpenseTensor.DENSE_MASK,
+              f"marks {in_mask} dense groups per chunk, dense_weight's width holds {dense_per_chunk}")
     kept = sparse_indices(packed.sparse_meta)
     bad = kept[..., 0] >= kept[..., 1]
     if bad.any():
         row, group = (int(i) for i in bad.nonzero()[0])
-        fail(SpenseTensor.SPARSE_META,
-             f"{int(bad.sum())} invalid index pairs (first must be < second, both in 0..3), e.g. row {row} "
-             f"group {group}: {kept[row, group].tolist()}")
+        _fail(layer, SpenseTensor.SPARSE_META,
+              f"{int(bad.sum())} invalid index pairs (first must be < second, both in 0..3), e.g. row {row} "
+              f"group {group}: {kept[row, group].tolist()}")
 
 
 def layer_names(keys: Iterable[str]) -> list[str]:

@@ -1,0 +1,96 @@
+"""The plugin's layer path on the GPU, without vLLM (the device has none): what ``SpenseLinearMethod`` runs.
+
+    python benchmarks/check_plugin_gpu.py
+
+A layer holding the four Spense tensors, as vLLM's loaders leave it, goes through
+``linear_kernel.process_weights_after_loading`` (validation, channel map) and ``linear_kernel.apply``
+(one ``torch.ops.spense.linear`` call): eagerly, under ``torch.compile(fullgraph=True)``, replayed from a
+CUDA graph with fresh inputs copied in, and through ``torch.library.opcheck``. Every output is compared
+with fp64 math on the reconstructed weight. Exits 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from vllm_spense import linear_kernel
+from vllm_spense.format import LAYER_TENSORS, pack, unpack
+from vllm_spense.offline.sparsegpt import magnitude_2_4
+
+TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+LAYERS = {"qwen3-8b qkv_proj": (6144, 4096, 8), "ragged": (1000, 640, 4)}
+MS = [1, 8, 100, 2048]
+GRAPH_MS = [1, 8]
+
+
+def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
+    mask = torch.zeros(k // 128, 32, dtype=torch.bool, device="cuda")
+    for chunk in mask:
+        chunk[torch.randperm(32, device="cuda")[:dense_per_chunk]] = True
+    mask = mask.reshape(-1)
+    packed = pack(magnitude_2_4(torch.randn(n, k, device="cuda", dtype=dtype), mask), mask, 128)
+    layer = torch.nn.Module()
+    for tensor in LAYER_TENSORS:
+        layer.register_parameter(tensor.value, torch.nn.Parameter(getattr(packed, tensor.value), requires_grad=False))
+    linear_kernel.process_weights_after_loading(layer, [("layer", n)], chunk_size=128)
+    return layer, unpack(packed).double()
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+def main() -> int:
+    print(torch.cuda.get_device_name(), "torch", torch.__version__)
+    failures, rows = 0, []
+
+    def record(dtype, name, mode, m, err):
+        nonlocal failures
+        ok = err < TOLERANCE[dtype]
+        failures += not ok
+        rows.append(f"| {str(dtype)[6:]} | {name} | {mode} | {m} | {err:.2e} | {'ok' if ok else 'FAIL'} |")
+
+    for dtype in (torch.bfloat16, torch.float16):
+        for name, (n, k, dense) in LAYERS.items():
+            layer, weight = spense_layer(n, k, dense, dtype)
+            bias = torch.randn(n, device="cuda", dtype=dtype)
+            torch._dynamo.reset()  # one compiled function per layer; M becomes a dynamic size as in vLLM
+            compiled = torch.compile(lambda x, b: linear_kernel.apply(layer, x, b), fullgraph=True)
+            for m in MS:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                ref = x.double() @ weight.T + bias.double()
+                record(dtype, name, "eager", m, rel_err(linear_kernel.apply(layer, x, bias), ref))
+                record(dtype, name, "torch.compile fullgraph", m, rel_err(compiled(x, bias), ref))
+            for m in GRAPH_MS:
+                static_x = torch.randn(m, k, device="cuda", dtype=dtype)
+                linear_kernel.apply(layer, static_x, bias)  # warm up (compiles the kernel) outside the capture
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_y = linear_kernel.apply(layer, static_x, bias)
+                for _ in range(3):
+                    static_x.copy_(torch.randn(m, k, device="cuda", dtype=dtype))
+                    static_y.fill_(float("nan"))
+                    graph.replay()
+                    ref = static_x.double() @ weight.T + bias.double()
+                    record(dtype, name, "CUDA graph replay", m, rel_err(static_y, ref))
+    layer, _ = spense_layer(256, 256, 8, torch.bfloat16)
+    for m in (1, 300):
+        x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
+        args = (x, layer.dense_weight, layer.sparse_weight, layer.sparse_meta, layer.dense_mask, layer.channel_perm,
+                None)
+        torch.library.opcheck(torch.ops.spense.linear.default, args)
+        rows.append(f"| bfloat16 | opcheck 256x256 | torch.library.opcheck | {m} | - | ok |")
+    print("| dtype | layer | mode | M | relative error vs fp64 | result |")
+    print("| --- | --- | --- | ---: | ---: | --- |")
+    print("\n".join(rows))
+    print(f"{failures} failures")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""``torch.ops.spense.linear``: the one custom op every Spense layer calls, so that vLLM's torch.compile
+and CUDA graphs capture it as a single opaque node.
+
+On CUDA it runs the Triton kernels (``vllm_spense.kernels.spense_gemm``, which picks the decode or prefill
+path by M); anywhere else it runs the PyTorch reference. Arguments are the packed tensors exactly as the
+checkpoint stores them (docs/FORMAT.md) plus ``channel_perm [K]`` int32 (dense channels, then 2:4 channels),
+built once in ``process_weights_after_loading``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_spense.format import GROUP_SIZE, PackedSpenseWeight
+
+CPU_GATHER_MAX_M = 16  # above this, rebuilding W once per call is cheaper than gathering per row
+
+
+@torch.library.custom_op("spense::linear", mutates_args=())
+def spense_linear(x: torch.Tensor, dense_weight: torch.Tensor, sparse_weight: torch.Tensor,
+                  sparse_meta: torch.Tensor, dense_mask: torch.Tensor, channel_perm: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ bias) -> [..., N]`` from the Spense layout."""
+    k = dense_mask.numel() * GROUP_SIZE
+    x2 = x.reshape(-1, k)
+    if x.is_cuda:
+        from vllm_spense.kernels.spense_gemm import SpenseGemmWeight, spense_gemm  # Triton: CUDA only
+
+        weight = SpenseGemmWeight.from_channel_perm(dense_weight, sparse_weight, sparse_meta, channel_perm)
+        y = spense_gemm(x2.contiguous(), weight, bias)
+    else:  # PyTorch reference: gather per 2:4 group for a few rows, else rebuild W for this call and matmul
+        from vllm_spense.format import unpack
+        from vllm_spense.kernels.reference import spense_linear as reference
+
+        packed = PackedSpenseWeight(dense_weight, sparse_weight, sparse_meta, dense_mask)
+        if x2.shape[0] <= CPU_GATHER_MAX_M:
+            y = reference(x2, packed, bias)
+        else:
+            y = torch.nn.functional.linear(x2, unpack(packed).to(x2.dtype), bias)
+    return y.reshape(*x.shape[:-1], dense_weight.shape[0])
+
+
+@spense_linear.register_fake
+def _(x, dense_weight, sparse_weight, sparse_meta, dense_mask, channel_perm, bias=None):
+    return x.new_empty(*x.shape[:-1], dense_weight.shape[0])
