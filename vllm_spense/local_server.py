@@ -43,10 +43,13 @@ def server_env(tensor_parallel: int = 1) -> dict[str, str]:
 class VllmServer:
     """``with VllmServer(checkpoint, log=path) as client:`` an OpenAI client on a healthy server."""
 
-    def __init__(self, model: str | pathlib.Path, *extra: str, log: pathlib.Path, tensor_parallel: int = 1):
-        self.port = free_port()
-        self.command = server_command(model, self.port, *extra, "--tensor-parallel-size", str(tensor_parallel))
-        self.env = server_env(tensor_parallel)
+    def __init__(self, model: str | pathlib.Path | None, *extra: str, log: pathlib.Path, tensor_parallel: int = 1,
+                 command: list[str] | None = None, env: dict[str, str] | None = None, port: int | None = None):
+        """``command`` (with ``port``) replaces the default server command, e.g. a container entrypoint."""
+        self.port = port or free_port()
+        self.command = command or server_command(model, self.port, *extra, "--tensor-parallel-size",
+                                                 str(tensor_parallel))
+        self.env = {**server_env(tensor_parallel), **(env or {})}
         self.log = pathlib.Path(log)
         self.process: subprocess.Popen | None = None
 
