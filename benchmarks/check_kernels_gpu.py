@@ -1,6 +1,7 @@
 """GPU correctness of the fused Spense GEMM: bf16 and fp16, every dispatch path, against fp64 math.
 
-    python benchmarks/check_kernels_gpu.py
+    python benchmarks/check_kernels_gpu.py [--quick]
+    compute-sanitizer --tool memcheck python benchmarks/check_kernels_gpu.py --quick
 
 Fresh random inputs each case, output poisoned with NaN before each call, relative error
 ||y - y_ref|| / ||y_ref|| with y_ref = x @ W^T in fp64 on the reconstructed weight. Exits 1 on failure.
@@ -18,6 +19,9 @@ from vllm_spense.kernels.spense_gemm import KernelConfig, SpenseGemmWeight, choo
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 SHAPES = [(6144, 4096, 8), (4096, 12288, 4), (2560, 5120, 0), (1000, 640, 16), (37, 256, 2)]
 MS = [1, 3, 16, 17, 64, 100, 256, 1000, 4096]
+# --quick (what runs under compute-sanitizer, ~100x slower): ragged shapes, every path still reached.
+QUICK_SHAPES = [(1000, 640, 16), (37, 256, 2)]
+QUICK_MS = [1, 3, 17, 100, 300]
 
 
 def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype):
@@ -33,18 +37,19 @@ def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype):
     return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128))
 
 
-def main() -> int:
+def main(quick: bool = False) -> int:
+    shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (SHAPES, MS)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
     failures, worst = 0, {}
     forced = {"split-k": KernelConfig(16, 64, 128, 32, 4, 4, 4), "no-split": KernelConfig(16, 64, 128, 32, 1, 4, 4)}
     forced_gemv = {"gemv split-k": KernelConfig(4, 32, 64, 32, 4, 4, 3, "gemv"),
                    "gemv no-split": KernelConfig(4, 64, 64, 16, 1, 4, 3, "gemv")}
     for dtype in (torch.bfloat16, torch.float16):
-        for n, k, dense in SHAPES:
+        for n, k, dense in shapes:
             weight, gemm = random_case(n, k, dense, dtype)
             bias = torch.randn(n, device="cuda", dtype=dtype)
             ref_w = weight.double()
-            for m in MS:
+            for m in ms:
                 paths = {"auto": None, **(forced if m <= 64 else {}), **(forced_gemv if m <= 4 else {})}
                 for path, config in paths.items():
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -68,4 +73,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(quick="--quick" in sys.argv[1:]))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine (the CUDA image: torch, triton, transformers).
-# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|report|sweep|gemm|prune ...]   (default: check plugin gemm prune)
+# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|sweep|gemm|prune ...]   (default: check plugin gemm prune)
 set -uo pipefail
 out=${1:-/tmp/spense-gpu}; shift || true
 steps=${*:-check plugin gemm prune}
@@ -15,6 +15,10 @@ for step in $steps; do
   case $step in
     check) python3 "$src/benchmarks/check_kernels_gpu.py" 2>&1 | tee "$out/check_kernels.txt" || status=1 ;;
     plugin) python3 "$src/benchmarks/check_plugin_gpu.py" 2>&1 | tee "$out/check_plugin.txt" || status=1 ;;
+    memcheck) sanitizer=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+              [ -n "$sanitizer" ] || { echo "compute-sanitizer not found" | tee "$out/memcheck.txt"; status=1; continue; }
+              "$sanitizer" --tool memcheck --leak-check no python3 "$src/benchmarks/check_kernels_gpu.py" --quick 2>&1 \
+                | tail -n 60 | tee "$out/memcheck.txt"; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     report) python3 "$src/benchmarks/kernel_report.py" 2>&1 | tee "$out/kernel_report.txt" || status=1 ;;
     sweep) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep.json" --shapes 2>&1 | grep sweep || status=1 ;;
     gemm)  python3 "$src/benchmarks/bench_gemm.py" --json "$out/bench_gemm.json" 2>&1 | tail -n 200 > "$out/bench_gemm.log" || status=1 ;;

@@ -36,12 +36,12 @@ def train_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def make_tiny_model(folder: pathlib.Path, *, attention_bias: bool = True, seed: int = 0) -> pathlib.Path:
+def make_tiny_model(folder: pathlib.Path, *, attention_bias: bool = True, seed: int = 0, layers: int = 2) -> pathlib.Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=384, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, attention_bias=attention_bias,
+                         num_key_value_heads=2, num_hidden_layers=layers, attention_bias=attention_bias,
                          tie_word_embeddings=False, max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
     model = LlamaForCausalLM(config).eval()
     for param in model.parameters():

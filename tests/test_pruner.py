@@ -102,6 +102,17 @@ def test_resume_after_crash_is_bit_identical(tiny_model_dir, tiny_checkpoint, tm
     assert tensor_hashes(out) == tensor_hashes(tiny_checkpoint)  # same seed, same bits, crash or not
 
 
+def make_gpt2_model(folder: pathlib.Path) -> pathlib.Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import train_tokenizer
+
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=512, n_positions=128)).save_pretrained(
+        str(folder))
+    train_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
 def _run_cli(args, capsys):
     code = cli.main(args)
     return code, capsys.readouterr().err
@@ -113,10 +124,13 @@ def test_bad_command_lines_exit_2_and_write_nothing(tiny_model_dir, tmp_path, ca
     short_text.write_text("To be, or not to be.")
     not_a_model = tmp_path / "notes.txt"
     not_a_model.write_text("hello")
+    no_linear = make_gpt2_model(tmp_path / "gpt2")  # GPT-2 blocks use transformers' Conv1D, not nn.Linear
     cases = [
         ([str(tmp_path / "missing")], "does not exist"),
         ([str(not_a_model)], "is not a model"),
         ([str(tiny_model_dir), "--dense-fraction", "1.0"], "--dense-fraction must be in \\[0, 1\\)"),
+        ([str(tiny_model_dir), "--dense-fraction", "-0.125"], "--dense-fraction must be in \\[0, 1\\)"),
+        ([str(no_linear)], "has no Linear layers inside its decoder layers"),
         ([str(tiny_model_dir), "--dense-fraction", "0.3"], "no chunk size .* divides every input width"),
         ([str(tiny_model_dir), "--chunk-size", "256"], "not multiples of --chunk-size 256"),
         ([str(tiny_model_dir), "--calibration", str(short_text)], "at least 65 are needed"),
@@ -150,3 +164,36 @@ def test_chunk_size_defaults_to_the_largest_that_fits(tiny_model_dir):
     model, _ = load_model(tiny_model_dir)
     assert pruner.resolve_chunk_size(model, pruner.PruneRecipe(dense_fraction=0.25)) == 128  # widths 128, 384
     assert pruner.resolve_chunk_size(model, pruner.PruneRecipe(dense_fraction=0.25, chunk_size=64)) == 64
+
+
+def test_sigkill_mid_run_then_rerun_gives_the_same_bits(tmp_path):
+    """A real kill (no Python cleanup runs): the rerun resumes and matches an uninterrupted run bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "deep", layers=6)
+    command = [sys.executable, "-m", "vllm_spense.offline", str(model), *TINY_PRUNE_ARGS, "--nsamples", "32",
+               "--seqlen", "128"]
+    reference = tmp_path / "reference"
+    subprocess.run([*command, "--out", str(reference)], check=True, capture_output=True)
+    out = tmp_path / "killed"
+    partial = tmp_path / "killed.partial"
+    process = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    second_layer = partial / "model-00002-of-00007.safetensors"
+    deadline = time.monotonic() + 300
+    while not second_layer.exists():
+        assert process.poll() is None, "the pruner finished or died before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() and partial.is_dir()  # never a half-written output folder
+    left = sorted(p.name for p in partial.glob("model-*.safetensors"))
+    assert "model-00006-of-00007.safetensors" not in left, f"killed too late to test a resume: {left}"
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True)
+    assert not partial.exists()
+    assert tensor_hashes(out) == tensor_hashes(reference)

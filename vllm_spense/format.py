@@ -139,7 +139,18 @@ class SpenseQuantConfig:
         kwargs.pop("quant_method")
         for key in ("targets", "ignore"):
             if key in kwargs:
-                kwargs[key] = tuple(kwargs[key])
+                value = kwargs[key]
+                if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                    raise SpenseFormatError(f"quantization_config: {key} must be a list of strings, found {value!r}")
+                kwargs[key] = tuple(value)
+        for key in ("format_version", "group_size", "chunk_size"):
+            if key in kwargs and (not isinstance(kwargs[key], int) or isinstance(kwargs[key], bool)):
+                raise SpenseFormatError(f"quantization_config: {key} must be an integer, found {kwargs[key]!r}")
+        fraction = kwargs["dense_fraction"]
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or fraction != fraction:
+            raise SpenseFormatError(f"quantization_config: dense_fraction must be a number, found {fraction!r}")
+        if not isinstance(kwargs.get("pruning", {}), dict):
+            raise SpenseFormatError(f"quantization_config: pruning must be an object, found {kwargs['pruning']!r}")
         return cls(**kwargs)
 
     def is_ignored(self, module_name: str) -> bool:
