@@ -187,31 +187,33 @@ def _spense_gemv_kernel(
 
 @triton.jit
 def _spense_unpack_kernel(
-    dense_w_ptr, sparse_w_ptr, meta_ptr, dense_ch_ptr, sparse_ch_ptr, out_ptr,
-    N, KD, GS,
+    dense_w_ptr, sparse_w_ptr, meta_ptr, group_src_ptr, out_ptr,
+    N, K,
     stride_dwn, stride_swn, stride_metan, stride_on,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Rebuild W [N, K] in its original channel order (zeros at pruned positions) for the prefill path."""
+    """Rebuild a [BLOCK_N, BLOCK_K] tile of W [N, K] in its original channel order (zeros at pruned
+    positions) for the prefill path. Reads are gathered, writes contiguous: ``group_src[g]`` is the first
+    dense column of group g when it is dense, else ``-(1 + its index among the 2:4 groups)``."""
     pid_n = tl.program_id(0)
-    pid_g = tl.program_id(1)
+    pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     mask_n = offs_n < N
-    # This program's share of the dense columns: 4 * BLOCK_G of them.
-    kk = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
-    mask_k = kk < KD
-    channels = tl.load(dense_ch_ptr + kk, mask=mask_k, other=0)
-    w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :])
-    tl.store(out_ptr + offs_n[:, None] * stride_on + channels[None, :], w, mask=mask_n[:, None] & mask_k[None, :])
-    # And BLOCK_G of the 2:4 groups, one position at a time.
-    gg = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
-    mask = mask_n[:, None] & (gg < GS)[None, :]
-    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask, stride_swn, stride_metan,
-                                           dense_w_ptr.dtype.element_ty)
-    for p in tl.static_range(4):
-        w = tl.where(i0 == p, first, tl.where(i1 == p, second, tl.zeros_like(first)))
-        channels = tl.load(sparse_ch_ptr + 4 * gg + p, mask=gg < GS, other=0)
-        tl.store(out_ptr + offs_n[:, None] * stride_on + channels[None, :], w, mask=mask)
+    mask_k = kk < K
+    src = tl.load(group_src_ptr + kk // 4, mask=mask_k, other=0)
+    position = kk % 4
+    is_dense = src >= 0
+    mask = mask_n[:, None] & mask_k[None, :]
+    dense = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + (src + position)[None, :],
+                    mask=mask & is_dense[None, :], other=0.0)
+    g = tl.where(is_dense, 0, -src - 1)
+    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, g, mask & ~is_dense[None, :],
+                                           stride_swn, stride_metan, dense_w_ptr.dtype.element_ty)
+    p = position[None, :]
+    sparse = tl.where(i0 == p, first, tl.where(i1 == p, second, tl.zeros_like(first)))
+    w = tl.where(is_dense[None, :], dense, sparse)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + kk[None, :], w, mask=mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,7 +266,8 @@ class KernelConfig:
     kernel: str = "mma"  # "gemv" (CUDA-core FMAs, tiny M), "mma" (fused tl.dot) or "unpack" (+ cuBLAS)
 
 
-UNPACK_AND_CUBLAS = KernelConfig(0, 64, 0, 32, 1, 4, 1, "unpack")  # prefill: rebuild W per call, then cuBLAS
+# Prefill: rebuild W per call in block_n x block_kd tiles of its natural layout, then cuBLAS.
+UNPACK_AND_CUBLAS = KernelConfig(0, 32, 128, 0, 1, 4, 1, "unpack")
 PREFILL_MIN_M = 256
 GEMV_MAX_M = 4
 
@@ -318,15 +321,19 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
         raise ValueError(f"spense_gemm: bias must be [{weight.n}] on {x.device}, found {list(bias.shape)}")
 
 
-def unpack_weight(weight: SpenseGemmWeight, block_n: int = 64, block_g: int = 32) -> torch.Tensor:
+def unpack_weight(weight: SpenseGemmWeight, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
     """W [N, K] rebuilt by the unpack kernel; a temporary, never kept."""
     out = torch.empty(weight.n, weight.k, device=weight.dense_weight.device, dtype=weight.dense_weight.dtype)
-    kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
-    steps = max(triton.cdiv(gs, block_g), triton.cdiv(kd, 4 * block_g), 1)
-    _spense_unpack_kernel[(triton.cdiv(weight.n, block_n), steps)](
-        weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, weight.dense_channels, weight.sparse_channels,
-        out, weight.n, kd, gs, weight.dense_weight.stride(0), weight.sparse_pairs.stride(0),
-        weight.sparse_meta.stride(0), out.stride(0), BLOCK_N=block_n, BLOCK_G=block_g)
+    dense_groups = weight.dense_channels[::GROUP_SIZE] // GROUP_SIZE
+    sparse_groups = weight.sparse_channels[::GROUP_SIZE] // GROUP_SIZE
+    group_src = torch.empty(weight.k // GROUP_SIZE, dtype=torch.int32, device=out.device)
+    group_src[dense_groups] = torch.arange(0, weight.dense_channels.numel(), GROUP_SIZE, dtype=torch.int32,
+                                           device=out.device)
+    group_src[sparse_groups] = -1 - torch.arange(sparse_groups.numel(), dtype=torch.int32, device=out.device)
+    _spense_unpack_kernel[(triton.cdiv(weight.n, block_n), triton.cdiv(weight.k, block_k))](
+        weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, group_src, out, weight.n, weight.k,
+        weight.dense_weight.stride(0), weight.sparse_pairs.stride(0), weight.sparse_meta.stride(0), out.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k)
     return out
 
 
@@ -342,7 +349,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     if m == 0:
         return result
     if config.kernel == "unpack":  # prefill: W is rebuilt into a temporary and cuBLAS does the GEMM
-        w = unpack_weight(weight, config.block_n, config.block_g)
+        w = unpack_weight(weight, config.block_n, config.block_kd)
         return result.copy_(torch.nn.functional.linear(x, w, bias))
     x_perm = x.index_select(1, weight.channel_perm)  # dense channels first, then the 2:4 channels
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
