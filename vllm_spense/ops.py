@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_spense.format import GROUP_SIZE, PackedSpenseWeight
+from vllm_spense.format import GROUP_SIZE, PackedSpenseWeight, unpack
 
 CPU_GATHER_MAX_M = 16  # above this, rebuilding W once per call is cheaper than gathering per row
 
@@ -29,7 +29,6 @@ def spense_linear(x: torch.Tensor, dense_weight: torch.Tensor, sparse_weight: to
         weight = SpenseGemmWeight.from_channel_perm(dense_weight, sparse_weight, sparse_meta, channel_perm)
         y = spense_gemm(x2.contiguous(), weight, bias)
     else:  # PyTorch reference: gather per 2:4 group for a few rows, else rebuild W for this call and matmul
-        from vllm_spense.format import unpack
         from vllm_spense.kernels.reference import spense_linear as reference
 
         packed = PackedSpenseWeight(dense_weight, sparse_weight, sparse_meta, dense_mask)
