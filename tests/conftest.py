@@ -62,6 +62,16 @@ def tiny_model_dir(tmp_path_factory) -> pathlib.Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
 
+@pytest.fixture
+def broken(tiny_checkpoint, tmp_path) -> pathlib.Path:
+    """A fresh copy of the tiny checkpoint for a test to corrupt."""
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tiny_model_dir, tmp_path_factory) -> pathlib.Path:
     from vllm_spense.offline.cli import main

@@ -43,3 +43,27 @@ def edit_config(folder, edit) -> None:
     config = json.loads((folder / "config.json").read_text())
     edit(config)
     (folder / "config.json").write_text(json.dumps(config))
+
+
+# One decoder layer's tensors of the tiny checkpoint, and the ways tests break them.
+LAYER = "model.layers.1.self_attn.k_proj"  # part of the merged qkv in vLLM
+DOWN = "model.layers.1.mlp.down_proj"  # K = 384: six 64-channel chunks
+
+
+def _replace(name, change):
+    return lambda f: edit_shard(f, lambda t: t.update({name: change(t[name]).contiguous()}))
+
+
+def _set(name, index, value):
+    return lambda f: edit_shard(f, lambda t: t[name].__setitem__(index, value))
+
+
+CORRUPTIONS = {
+    "missing tensor": lambda f: edit_shard(f, lambda t: t.pop(f"{LAYER}.sparse_meta")),
+    "dense weight beside packed": lambda f: edit_shard(f, lambda t: t.update({f"{LAYER}.weight": torch.ones(64, 128)})),
+    "truncated values": _replace(f"{LAYER}.sparse_weight", lambda v: v[:, :-2]),
+    "meta dtype": _replace(f"{LAYER}.sparse_meta", lambda v: v.to(torch.int16)),
+    "unknown version": lambda f: edit_config(f, lambda c: c["quantization_config"].update(format_version=7)),
+    "unbalanced mask": _set(f"{DOWN}.dense_mask", slice(0, 16), True),  # chunk 0 all dense
+    "meta out of range": _set(f"{LAYER}.sparse_meta", (0, 0), 0xFF),  # both nibbles: first index 3, second 3
+}

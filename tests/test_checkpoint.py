@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -11,17 +10,8 @@ from safetensors.torch import save_file
 from vllm_spense.checkpoint import check_checkpoint_headers, dense_state_dict, read_config
 from vllm_spense.format import SpenseFormatError
 
-from tests.helpers import SHARD, edit_config, edit_shard
+from tests.helpers import CORRUPTIONS, DOWN, LAYER, SHARD, edit_config, edit_shard
 
-LAYER = "model.layers.1.self_attn.k_proj"
-DOWN = "model.layers.1.mlp.down_proj"  # K = 384: six 64-channel chunks
-
-
-@pytest.fixture
-def broken(tiny_checkpoint, tmp_path):
-    folder = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, folder)
-    return folder
 
 
 def test_valid_checkpoint_loads(tiny_checkpoint):
@@ -31,20 +21,14 @@ def test_valid_checkpoint_loads(tiny_checkpoint):
 
 
 CASES = {
-    "missing tensor": (lambda f: edit_shard(f, lambda t: t.pop(f"{LAYER}.sparse_meta")),
-                       f"layer {LAYER}: missing tensors \\['{LAYER}.sparse_meta'\\]"),
-    "dense weight beside packed": (lambda f: edit_shard(f, lambda t: t.update({f"{LAYER}.weight": torch.ones(64, 128)})),
-                                   f"layer {LAYER}: stores both"),
-    "meta dtype": (lambda f: edit_shard(f, lambda t: t.update({f"{LAYER}.sparse_meta": t[f"{LAYER}.sparse_meta"].to(torch.int16)})),
-                   f"tensor {LAYER}.sparse_meta: expected dtype torch.uint8, found torch.int16"),
-    "meta out of range": (lambda f: edit_shard(f, lambda t: t[f"{LAYER}.sparse_meta"].__setitem__((0, 0), 0xFF)),
-                          f"tensor {LAYER}.sparse_meta: .* invalid index pairs"),
-    "unbalanced mask": (lambda f: edit_shard(f, lambda t: t[f"{DOWN}.dense_mask"].__setitem__(slice(0, 32), True)),
-                        f"tensor {DOWN}.dense_mask: unbalanced mask"),
-    "truncated values": (lambda f: edit_shard(f, lambda t: t.update({f"{LAYER}.sparse_weight": t[f"{LAYER}.sparse_weight"][:, :-2].contiguous()})),
+    "missing tensor": (CORRUPTIONS["missing tensor"], f"layer {LAYER}: missing tensors \\['{LAYER}.sparse_meta'\\]"),
+    "dense weight beside packed": (CORRUPTIONS["dense weight beside packed"], f"layer {LAYER}: stores both"),
+    "meta dtype": (CORRUPTIONS["meta dtype"], f"tensor {LAYER}.sparse_meta: expected dtype torch.uint8, found torch.int16"),
+    "meta out of range": (CORRUPTIONS["meta out of range"], f"tensor {LAYER}.sparse_meta: .* invalid index pairs"),
+    "unbalanced mask": (CORRUPTIONS["unbalanced mask"], f"tensor {DOWN}.dense_mask: unbalanced mask"),
+    "truncated values": (CORRUPTIONS["truncated values"],
                          f"tensor {LAYER}.sparse_weight: expected shape \\[64, 48\\], found \\[64, 46\\]"),
-    "unknown version": (lambda f: edit_config(f, lambda c: c["quantization_config"].update(format_version=7)),
-                        "unknown format_version 7"),
+    "unknown version": (CORRUPTIONS["unknown version"], "unknown format_version 7"),
     "config not json": (lambda f: (f / "config.json").write_text("{not json"), "config.json: not valid JSON"),
     "no quantization_config": (lambda f: edit_config(f, lambda c: c.pop("quantization_config")),
                                "no quantization_config"),

@@ -3,7 +3,6 @@ Spense tensors across tensor-parallel ranks (merged qkv / gate_up and row-parall
 
 from __future__ import annotations
 
-import socket
 from contextlib import ExitStack
 from unittest import mock
 
@@ -24,12 +23,6 @@ O_PROJ = "model.layers.0.self_attn.o_proj"
 GATE_UP = "model.layers.0.mlp.gate_up_proj"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_env():
     """vLLM's config context and a one-process model-parallel group; ranks are then simulated."""
@@ -38,11 +31,12 @@ def vllm_env():
                                   init_distributed_environment, initialize_model_parallel)
 
     import vllm_spense
+    from vllm_spense.local_server import free_port
 
     vllm_spense.register()
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
-                                     distributed_init_method=f"tcp://127.0.0.1:{_free_port()}")
+                                     distributed_init_method=f"tcp://127.0.0.1:{free_port()}")
         initialize_model_parallel(1)
         yield
         destroy_model_parallel()

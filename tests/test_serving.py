@@ -6,15 +6,12 @@ transformers; tensor parallelism must not change them; broken checkpoints must s
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-import torch
 
 pytest.importorskip("vllm")
 pytest.importorskip("openai")
 
-from tests.helpers import SHARD, edit_config, edit_shard  # noqa: E402
+from tests.helpers import CORRUPTIONS, DOWN, LAYER  # noqa: E402
 from tests.serving import failed_start_output, greedy_reference  # noqa: E402
 from vllm_spense.local_server import VllmServer  # noqa: E402
 from vllm_spense.offline.evaluate import load_spense_as_dense  # noqa: E402
@@ -108,46 +105,26 @@ def test_default_model_serves_like_transformers(default_checkpoint, tmp_path):
 
 # Broken checkpoints. Header problems stop vLLM while it builds its config, before any worker starts;
 # value problems (mask balance, metadata) stop the worker at load. Either way the server never serves.
-LAYER = "model.layers.1.self_attn.k_proj"
-DOWN = "model.layers.1.mlp.down_proj"
-BAD_CHECKPOINTS = {
-    "missing tensor": (lambda f: edit_shard(f, lambda t: t.pop(f"{LAYER}.sparse_meta")),
-                       f"layer {LAYER}: missing tensors ['{LAYER}.sparse_meta']"),
-    "extra tensor": (lambda f: edit_shard(f, lambda t: t.update({f"{LAYER}.weight": torch.ones(64, 128)})),
-                     f"layer {LAYER}: unexpected tensors ['{LAYER}.weight']"),
-    "wrong shape": (lambda f: edit_shard(f, lambda t: t.update(
-        {f"{LAYER}.sparse_weight": t[f"{LAYER}.sparse_weight"][:, :-2].contiguous()})),
-        f"tensor {LAYER}.sparse_weight: expected shape [64, 48], found [64, 46]"),
-    "wrong dtype": (lambda f: edit_shard(f, lambda t: t.update(
-        {f"{LAYER}.sparse_meta": t[f"{LAYER}.sparse_meta"].to(torch.int16)})),
-        f"tensor {LAYER}.sparse_meta: expected dtype torch.uint8, found torch.int16"),
-    "unknown format version": (lambda f: edit_config(f, lambda c: c["quantization_config"].update(format_version=9)),
-                               "unknown format_version 9"),
-    "unbalanced mask": (lambda f: edit_shard(f, lambda t: t[f"{DOWN}.dense_mask"].__setitem__(slice(0, 16), True)),
-                        f"tensor {DOWN}.dense_mask: unbalanced mask"),
-    "metadata out of range": (lambda f: edit_shard(f, lambda t: t[f"{LAYER}.sparse_meta"].__setitem__((0, 0), 0xFF)),
-                              f"tensor {LAYER}.sparse_meta: 2 invalid index pairs"),
+BAD_CHECKPOINTS = {  # case: what the error must say
+    "missing tensor": f"layer {LAYER}: missing tensors ['{LAYER}.sparse_meta']",
+    "dense weight beside packed": f"layer {LAYER}: unexpected tensors ['{LAYER}.weight']",
+    "truncated values": f"tensor {LAYER}.sparse_weight: expected shape [64, 48], found [64, 46]",
+    "meta dtype": f"tensor {LAYER}.sparse_meta: expected dtype torch.uint8, found torch.int16",
+    "unknown version": "unknown format_version 7",
+    "unbalanced mask": f"tensor {DOWN}.dense_mask: unbalanced mask",
+    "meta out of range": f"tensor {LAYER}.sparse_meta: 2 invalid index pairs",
 }
-HEADER_CASES = ["missing tensor", "extra tensor", "wrong shape", "wrong dtype", "unknown format version"]
-
-
-@pytest.fixture
-def broken(tiny_checkpoint, tmp_path):
-    folder = tmp_path / "broken"
-    shutil.copytree(tiny_checkpoint, folder)
-    assert (folder / SHARD).is_file()
-    return folder
+HEADER_CASES = ["missing tensor", "dense weight beside packed", "truncated values", "meta dtype", "unknown version"]
 
 
 @pytest.mark.parametrize("case", HEADER_CASES)
 def test_bad_checkpoint_stops_vllm_before_workers(broken, case):
     from vllm.engine.arg_utils import EngineArgs
 
-    corrupt, message = BAD_CHECKPOINTS[case]
-    corrupt(broken)
+    CORRUPTIONS[case](broken)
     with pytest.raises(ValueError) as error:
         EngineArgs(model=str(broken), dtype="float32", max_model_len=256).create_engine_config()
-    assert message in str(error.value)
+    assert BAD_CHECKPOINTS[case] in str(error.value)
 
 
 def test_quantization_flag_on_a_dense_checkpoint_is_refused(tiny_model_dir):
@@ -157,10 +134,9 @@ def test_quantization_flag_on_a_dense_checkpoint_is_refused(tiny_model_dir):
         EngineArgs(model=str(tiny_model_dir), dtype="float32", quantization="spense").create_engine_config()
 
 
-@pytest.mark.parametrize("case", ["missing tensor", "unbalanced mask", "metadata out of range"])
+@pytest.mark.parametrize("case", ["missing tensor", "unbalanced mask", "meta out of range"])
 def test_bad_checkpoint_stops_the_server_at_load(broken, case, tmp_path):
-    corrupt, message = BAD_CHECKPOINTS[case]
-    corrupt(broken)
+    CORRUPTIONS[case](broken)
     output = failed_start_output(broken, log=tmp_path / "server.log")
-    assert message in output
+    assert BAD_CHECKPOINTS[case] in output
     assert "Application startup complete" not in output

@@ -176,17 +176,25 @@ def dense_groups_per_chunk(dense_fraction: float, chunk_size: int) -> int:
     return count
 
 
+def _fail(layer: str, tensor: SpenseTensor, message: str) -> None:
+    raise SpenseFormatError(f"layer {layer}, tensor {tensor.key(layer)}: {message}")
+
+
+def _check_mask_layout(shape: Sequence[int], dtype: torch.dtype, chunk_size: int, layer: str) -> int:
+    """A mask's dtype and shape: 1-D bool covering whole chunks. Returns its number of groups."""
+    if dtype != torch.bool or len(shape) != 1:
+        _fail(layer, SpenseTensor.DENSE_MASK, f"expected a 1-D bool tensor, found {dtype} of shape {list(shape)}")
+    if shape[0] == 0 or shape[0] % (chunk_size // GROUP_SIZE):
+        _fail(layer, SpenseTensor.DENSE_MASK, f"{shape[0]} groups ({shape[0] * GROUP_SIZE} input channels) is not "
+                                              f"a whole number of {chunk_size}-channel chunks")
+    return shape[0]
+
+
 def check_dense_mask(dense_mask: torch.Tensor, chunk_size: int, layer: str) -> int:
     """Check a mask's dtype and per-chunk balance; return the dense groups per chunk."""
     where = f"layer {layer}, tensor {SpenseTensor.DENSE_MASK.key(layer)}"
-    if dense_mask.dtype != torch.bool or dense_mask.dim() != 1:
-        raise SpenseFormatError(
-            f"{where}: expected a 1-D bool tensor, found {dense_mask.dtype} of shape {list(dense_mask.shape)}")
+    _check_mask_layout(tuple(dense_mask.shape), dense_mask.dtype, chunk_size, layer)
     groups_per_chunk = chunk_size // GROUP_SIZE
-    if dense_mask.numel() == 0 or dense_mask.numel() % groups_per_chunk:
-        raise SpenseFormatError(
-            f"{where}: {dense_mask.numel()} groups ({dense_mask.numel() * GROUP_SIZE} input channels) is not a "
-            f"whole number of {chunk_size}-channel chunks")
     per_chunk = dense_mask.view(-1, groups_per_chunk).sum(dim=1)
     if (per_chunk != per_chunk[0]).any():
         raise SpenseFormatError(
@@ -244,24 +252,12 @@ def unpack(packed: PackedSpenseWeight) -> torch.Tensor:
     return groups.reshape(n, k)
 
 
-def _fail(layer: str, tensor: SpenseTensor, message: str) -> None:
-    raise SpenseFormatError(f"layer {layer}, tensor {tensor.key(layer)}: {message}")
-
-
 def check_layout(layouts: Mapping[SpenseTensor, tuple[Sequence[int], torch.dtype]], chunk_size: int, layer: str,
                  expected_shape: tuple[int, int] | None = None) -> int:
     """Shapes and dtypes of one layer's tensors (all a safetensors header holds); returns the dense groups
     per chunk that ``dense_weight``'s width implies."""
-    mask_shape, mask_dtype = layouts[SpenseTensor.DENSE_MASK]
-    if mask_dtype != torch.bool or len(mask_shape) != 1:
-        _fail(layer, SpenseTensor.DENSE_MASK,
-              f"expected a 1-D bool tensor, found {mask_dtype} of shape {list(mask_shape)}")
+    num_groups = _check_mask_layout(*layouts[SpenseTensor.DENSE_MASK], chunk_size, layer)
     groups_per_chunk = chunk_size // GROUP_SIZE
-    num_groups = mask_shape[0]
-    if num_groups == 0 or num_groups % groups_per_chunk:
-        _fail(layer, SpenseTensor.DENSE_MASK,
-              f"{num_groups} groups ({num_groups * GROUP_SIZE} input channels) is not a whole number of "
-              f"{chunk_size}-channel chunks")
     k = num_groups * GROUP_SIZE
     n_chunks = k // chunk_size
     if expected_shape is not None and k != expected_shape[1]:
