@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
+import math
 import pathlib
 import sys
 
 import torch
 
-from vllm_spense.format import DEFAULT_IGNORE, SpenseFormatError, SpenseQuantConfig
+from vllm_spense.format import (DEFAULT_IGNORE, GROUP_SIZE, SpenseFormatError, SpenseQuantConfig,
+                                dense_fraction_for_bytes, stored_bytes_ratio)
+from vllm_spense.offline.allocation import ALLOCATIONS, dense_plan, dense_share
 from vllm_spense.offline.calibration import (CALIBRATION_GENRES, CalibrationError, random_windows, read_text,
                                              shakespeare_files, text_files, tokenize)
 from vllm_spense.offline.models import ModelSourceError, decoder_layers, default_model_path, load_model
@@ -33,8 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output checkpoint folder (must not exist)")
     parser.add_argument("--calibration", help="calibration text file or folder of .txt/.md files "
                         "(default: Shakespeare's comedies and histories)")
-    parser.add_argument("--dense-fraction", type=float, default=0.25, help="share of input-channel groups kept "
-                        "dense; 0 gives plain 2:4 (default 0.25)")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--dense-budget", "--dense-fraction", dest="dense_budget", type=float, default=0.25,
+                        help="share of the pruned layers' weights kept dense; 0 gives plain 2:4 (default 0.25)")
+    budget.add_argument("--target-bytes", type=float, help="instead of a budget: the pruned layers' stored bytes "
+                        "(what a decode step reads) as a share of their dense bytes, e.g. 0.7; the largest budget "
+                        "that fits is used")
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="uniform",
+                        help="uniform: every matrix keeps the budget's fraction; adaptive: a fraction per decoder "
+                        "layer from a first pass that measures how much pruning each layer raises the calibration "
+                        "loss (the whole model then runs on --device; docs/QUALITY.md)")
     parser.add_argument("--method", choices=METHODS, default="spensegpt")
     parser.add_argument("--selection", choices=SELECTIONS, default="error", help="how dense groups are chosen (error: best measured, docs/QUALITY.md)")
     parser.add_argument("--order", choices=ORDERS, default="dense-last", help="OBS sweep order (default: dense "
@@ -92,10 +104,20 @@ def non_layer_tensors(model, save_dtype: torch.dtype) -> dict[str, torch.Tensor]
     return rest
 
 
+def budget_for_target_bytes(target: float, value_bytes: int, allocation: str, chunk_size: int) -> float:
+    """The largest dense budget whose pruned layers store at most ``target`` times their dense bytes."""
+    floor = stored_bytes_ratio(0.0, value_bytes)
+    if not floor <= target < 1.0:
+        raise PruneError(f"--target-bytes must be in [{floor:.4f}, 1): plain 2:4 stores {floor:.4f}x the dense "
+                         f"bytes at {value_bytes} bytes per value, found {target}")
+    budget = dense_fraction_for_bytes(target, value_bytes)
+    if allocation == "uniform":  # a whole, even number of dense groups per chunk
+        step = 2 * GROUP_SIZE / chunk_size
+        budget = math.floor(budget / step + 1e-9) * step
+    return budget
+
+
 def run(args: argparse.Namespace) -> pathlib.Path:
-    recipe = PruneRecipe(method=args.method, dense_fraction=args.dense_fraction, selection=args.selection,
-                         order=args.order, chunk_size=args.chunk_size, blocksize=args.blocksize, damp=args.damp,
-                         seed=args.seed)
     if args.nsamples < 1 or args.seqlen < 2:
         raise PruneError(f"--nsamples must be >= 1 and --seqlen >= 2, found {args.nsamples} and {args.seqlen}")
     out = pathlib.Path(args.out)
@@ -103,21 +125,40 @@ def run(args: argparse.Namespace) -> pathlib.Path:
         raise OutputError(f"output folder {out} already exists; choose another --out or pass --overwrite")
     model_path = pathlib.Path(args.model) if args.model else default_model_path()
     calibration_files = text_files(args.calibration) if args.calibration else shakespeare_files(CALIBRATION_GENRES)
+    save_dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype != "auto" else _source_dtype(model_path)
     model, tokenizer = load_model(model_path)
+    recipe = PruneRecipe(method=args.method, dense_fraction=args.dense_budget, allocation=args.allocation,
+                         selection=args.selection, order=args.order, chunk_size=args.chunk_size,
+                         blocksize=args.blocksize, damp=args.damp, seed=args.seed)
+    if args.target_bytes is not None:
+        widths_only = dataclasses.replace(recipe, allocation="adaptive", method="spensegpt")
+        budget = budget_for_target_bytes(args.target_bytes, save_dtype.itemsize, args.allocation,
+                                         resolve_chunk_size(model, widths_only))
+        recipe = dataclasses.replace(recipe, dense_fraction=budget)
+        logger.info("--target-bytes %g at %s: dense budget %g", args.target_bytes, save_dtype, budget)
     chunk_size = resolve_chunk_size(model, recipe)
     windows = random_windows(tokenize(tokenizer, read_text(calibration_files)), args.nsamples, args.seqlen, args.seed)
-    save_dtype = SAVE_DTYPES[args.save_dtype] if args.save_dtype != "auto" else _source_dtype(model_path)
+    plan = dense_plan(model, windows, recipe, chunk_size, device=torch.device(args.device),
+                      batch_size=args.batch_size)
+    share = dense_share(plan, model, chunk_size)
+    logger.info("dense share %.4f of the pruned weights (budget %g, %s): they store %.4fx their dense bytes",
+                share, recipe.dense_fraction, recipe.allocation, stored_bytes_ratio(share, save_dtype.itemsize))
+    pruning = {"method": recipe.method, "selection": recipe.selection, "order": recipe.order,
+               "allocation": recipe.allocation, "dense_share": round(share, 6), "nsamples": args.nsamples,
+               "seqlen": args.seqlen, "damp": recipe.damp, "seed": recipe.seed}
+    if args.target_bytes is not None:
+        pruning["target_bytes"] = args.target_bytes
+    per_layer = recipe.allocation == "adaptive"
     quant = SpenseQuantConfig(
-        dense_fraction=recipe.dense_fraction, chunk_size=chunk_size, ignore=DEFAULT_IGNORE,
-        pruning={"method": recipe.method, "selection": recipe.selection, "order": recipe.order,
-                 "nsamples": args.nsamples, "seqlen": args.seqlen, "damp": recipe.damp, "seed": recipe.seed})
+        dense_fraction=recipe.dense_fraction, chunk_size=chunk_size, ignore=DEFAULT_IGNORE, pruning=pruning,
+        dense_fractions={name: d * GROUP_SIZE / chunk_size for name, d in plan.items()} if per_layer else {})
     run_settings = {"model": str(model_path.resolve()), "calibration_sha256": _files_digest(calibration_files),
                     "save_dtype": str(save_dtype), "quantization_config": quant.to_dict(),
                     "blocksize": recipe.blocksize, "batch_size": args.batch_size}
     writer = CheckpointWriter(out, run_settings, len(decoder_layers(model)), overwrite=args.overwrite)
     writer.open()
     prune_model(model, windows, recipe, device=args.device, save_dtype=save_dtype, batch_size=args.batch_size,
-                store=writer)
+                store=writer, plan=plan)
     return writer.finish(non_layer_tensors(model, save_dtype), output_config(model, quant, save_dtype), tokenizer)
 
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from vllm_spense.format import (DEFAULT_CHUNK_SIZE, GROUP_SIZE, SpenseFormatError, dense_groups_per_chunk,
                                 pack)
+from vllm_spense.offline.allocation import ALLOCATIONS, DensePlan, uniform_plan
 from vllm_spense.offline.models import decoder_layers, target_linears
 from vllm_spense.offline.selection import (SELECTIONS, activation_score, balanced_top_groups,
                                            random_score)
@@ -37,7 +38,8 @@ class PruneError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class PruneRecipe:
     method: str = "spensegpt"
-    dense_fraction: float = 0.25
+    dense_fraction: float = 0.25  # the budget: share of targeted weights kept dense
+    allocation: str = "uniform"
     selection: str = "error"
     order: str = "dense-last"
     chunk_size: int | None = None  # None: the largest of 128, 64, ... that fits every layer
@@ -54,6 +56,10 @@ class PruneRecipe:
         if self.method != "spensegpt" and self.dense_fraction:
             raise PruneError(f"--method {self.method} is a plain 2:4 baseline: use --dense-fraction 0, or "
                              f"--method spensegpt for a dense region")
+        if self.allocation not in ALLOCATIONS:
+            raise PruneError(f"unknown allocation {self.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+        if self.allocation == "adaptive" and self.method != "spensegpt":
+            raise PruneError(f"--allocation adaptive spends a dense budget; --method {self.method} has none")
         if self.selection not in SELECTIONS:
             raise PruneError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.order not in ORDERS:
@@ -84,16 +90,18 @@ def resolve_chunk_size(model: nn.Module, recipe: PruneRecipe) -> int:
         bad = sorted(w for w in widths if w % chunk)
         if bad:
             continue
-        try:
-            dense_groups_per_chunk(recipe.dense_fraction, chunk)
-        except SpenseFormatError:
-            continue
+        if recipe.allocation == "uniform":
+            try:
+                dense_groups_per_chunk(recipe.dense_fraction, chunk)
+            except SpenseFormatError:
+                continue
         return chunk
     if recipe.chunk_size:
         bad = sorted(w for w in widths if w % recipe.chunk_size)
         if bad:
             raise PruneError(f"input widths {bad} are not multiples of --chunk-size {recipe.chunk_size}")
-        dense_groups_per_chunk(recipe.dense_fraction, recipe.chunk_size)  # raises with the allowed step
+        if recipe.allocation == "uniform":
+            dense_groups_per_chunk(recipe.dense_fraction, recipe.chunk_size)  # raises with the allowed step
     raise PruneError(f"no chunk size in {candidates} divides every input width {sorted(widths)} and holds an "
                      f"even number of dense groups at --dense-fraction {recipe.dense_fraction}")
 
@@ -194,9 +202,8 @@ def collect_hessians(layer: nn.Module, inputs: torch.Tensor, kwargs: dict, batch
 
 
 def choose_dense_mask(recipe: PruneRecipe, weights: list[torch.Tensor], hessian: torch.Tensor,
-                      chunk_size: int, generator: torch.Generator, layer: str) -> torch.Tensor:
+                      chunk_size: int, dense_per_chunk: int, generator: torch.Generator, layer: str) -> torch.Tensor:
     """One balanced dense mask for every matrix reading the same input."""
-    dense_per_chunk = dense_groups_per_chunk(recipe.dense_fraction, chunk_size)
     num_groups = hessian.shape[0] // GROUP_SIZE
     if dense_per_chunk == 0:
         return torch.zeros(num_groups, dtype=torch.bool, device=hessian.device)
@@ -223,15 +230,18 @@ def prune_weight(recipe: PruneRecipe, weight: torch.Tensor, hessian: torch.Tenso
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration: torch.Tensor, recipe: PruneRecipe, *,
                 device: str | torch.device = "cpu", save_dtype: torch.dtype = torch.float32,
-                batch_size: int = 8, store: LayerStore | None = None,
+                batch_size: int = 8, store: LayerStore | None = None, plan: DensePlan | None = None,
                 on_layer: Callable[[int, dict], None] | None = None) -> int:
     """Prune ``model`` in place, layer by layer; return the chunk size used.
 
-    Weights are rounded to ``save_dtype`` as they are pruned, so later layers calibrate on exactly the
-    weights the checkpoint will hold.
+    ``plan`` gives each Linear's dense groups per chunk (``offline.allocation``); by default every
+    matrix gets the recipe's dense fraction. Weights are rounded to ``save_dtype`` as they are pruned,
+    so later layers calibrate on exactly the weights the checkpoint will hold.
     """
     device = torch.device(device)
     chunk_size = resolve_chunk_size(model, recipe)
+    if plan is None:
+        plan = uniform_plan(model, recipe.dense_fraction, chunk_size)
     layers = decoder_layers(model)
     names = {module: name for name, module in model.named_modules()}
     inputs, kwargs = capture_layer_inputs(model, calibration, device)
@@ -256,8 +266,8 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, recipe: PruneRecipe
         stats = {}
         for group, hessian in hessians.items():
             full = f"{prefix}.{group[0]}"
-            mask = choose_dense_mask(recipe, [linears[n].weight for n in group], hessian, chunk_size, generator,
-                                     full)
+            mask = choose_dense_mask(recipe, [linears[n].weight for n in group], hessian, chunk_size, plan[full],
+                                     generator, full)
             for name in group:
                 linear = linears[name]
                 pruned = prune_weight(recipe, linear.weight, hessian, mask, f"{prefix}.{name}").to(save_dtype)

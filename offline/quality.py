@@ -19,7 +19,8 @@ import torch
 from vllm_spense.offline.calibration import CALIBRATION_GENRES, random_windows, read_text, shakespeare_files, tokenize
 from vllm_spense.offline.evaluate import evaluation_windows, perplexity
 from vllm_spense.offline.models import default_model_path, load_model
-from vllm_spense.offline.pruner import UNSTRUCTURED, PruneRecipe, prune_model
+from vllm_spense.offline.allocation import dense_plan, dense_share
+from vllm_spense.offline.pruner import UNSTRUCTURED, PruneRecipe, prune_model, resolve_chunk_size
 
 MAIN_ROWS = {
     "dense": None,
@@ -38,6 +39,9 @@ def full_rows() -> dict[str, PruneRecipe | None]:
     for rho in (0.125, 0.25):
         for selection in ("activation", "error", "random"):
             rows[f"SpenseGPT rho={rho} {selection}"] = PruneRecipe(dense_fraction=rho, selection=selection)
+    for rho in (0.125, 0.25):
+        rows[f"SpenseGPT budget={rho} error, adaptive allocation"] = PruneRecipe(dense_fraction=rho,
+                                                                                allocation="adaptive")
     for selection in ("activation", "error"):
         rows[f"SpenseGPT rho=0.25 {selection}, natural order"] = PruneRecipe(
             dense_fraction=0.25, selection=selection, order="natural")
@@ -45,12 +49,13 @@ def full_rows() -> dict[str, PruneRecipe | None]:
     return rows
 
 
-def overall_sparsity(recipe: PruneRecipe | None) -> float:
+def overall_sparsity(recipe: PruneRecipe | None, dense_share: float) -> float:
+    """Share of the pruned layers' weights set to zero (``dense_share``: of the weights kept dense)."""
     if recipe is None:
         return 0.0
     if recipe.sparsity is not None:
         return recipe.sparsity
-    return 0.5 * (1.0 - recipe.dense_fraction)
+    return 0.5 * (1.0 - dense_share)
 
 
 def run_table(rows: dict[str, PruneRecipe | None], model_path=None, nsamples: int = 64, seqlen: int = 512,
@@ -64,12 +69,16 @@ def run_table(rows: dict[str, PruneRecipe | None], model_path=None, nsamples: in
     for label, recipe in rows.items():
         model.load_state_dict(original)
         start = time.time()
+        share = 0.0
         if recipe is not None:
-            prune_model(model, calibration, recipe, device=device, save_dtype=torch.float32)
+            chunk_size = resolve_chunk_size(model, recipe)
+            plan = dense_plan(model, calibration, recipe, chunk_size, device=torch.device(device), batch_size=8)
+            share = dense_share(plan, model, chunk_size)
+            prune_model(model, calibration, recipe, device=device, save_dtype=torch.float32, plan=plan)
         pruned_s = time.time() - start
         ppl = perplexity(model.to(device), held_out)
         model.to("cpu")
-        results.append({"row": label, "sparsity": overall_sparsity(recipe), "perplexity": ppl,
+        results.append({"row": label, "sparsity": overall_sparsity(recipe, share), "perplexity": ppl,
                         "prune_seconds": round(pruned_s, 1)})
         print(json.dumps(results[-1]), flush=True)
     return results

@@ -36,7 +36,8 @@ def train_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def make_tiny_model(folder: pathlib.Path, *, attention_bias: bool = True, seed: int = 0, layers: int = 2) -> pathlib.Path:
+def make_tiny_model(folder: pathlib.Path, *, attention_bias: bool = True, seed: int = 0, layers: int = 2,
+                    first_layer_scale: float = 1.0) -> pathlib.Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -46,6 +47,9 @@ def make_tiny_model(folder: pathlib.Path, *, attention_bias: bool = True, seed: 
     model = LlamaForCausalLM(config).eval()
     for param in model.parameters():
         param.data.normal_(0, 0.05)
+    for linear in model.model.layers[0].modules():  # a first layer that matters more than the second
+        if isinstance(linear, torch.nn.Linear):
+            linear.weight.data.mul_(first_layer_scale)
     model.save_pretrained(str(folder), safe_serialization=True)
     train_tokenizer().save_pretrained(str(folder))
     return folder
@@ -78,4 +82,24 @@ def tiny_checkpoint(tiny_model_dir, tmp_path_factory) -> pathlib.Path:
 
     out = tmp_path_factory.mktemp("tiny-spense") / "checkpoint"
     assert main([str(tiny_model_dir), "--out", str(out), *TINY_PRUNE_ARGS]) == 0
+    return out
+
+
+def sensitive_tiny_model_dir(folder: pathlib.Path) -> pathlib.Path:
+    """The tiny model with its first layer's Linears scaled up 3x: pruning that layer costs more."""
+    return make_tiny_model(folder, first_layer_scale=3.0)
+
+
+@pytest.fixture(scope="session")
+def sensitive_tiny_dir(tmp_path_factory) -> pathlib.Path:
+    return sensitive_tiny_model_dir(tmp_path_factory.mktemp("sensitive") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_adaptive_checkpoint(sensitive_tiny_dir, tmp_path_factory) -> pathlib.Path:
+    """An adaptive dense budget over the sensitive tiny model: its layers hold different dense fractions."""
+    from vllm_spense.offline.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-adaptive") / "checkpoint"
+    assert main([str(sensitive_tiny_dir), "--out", str(out), *TINY_PRUNE_ARGS, "--allocation", "adaptive"]) == 0
     return out

@@ -43,10 +43,16 @@ def vllm_env():
         destroy_distributed_environment()
 
 
-def spense_config():
+ATTN, MLP = "model.layers.0.self_attn", "model.layers.0.mlp"
+# An adaptive allocation: every merged layer's parts share one fraction, layers differ.
+MIXED = {**{f"{ATTN}.{p}_proj": 0.5 for p in "qkv"}, f"{ATTN}.o_proj": 0.0,
+         f"{MLP}.gate_proj": 0.125, f"{MLP}.up_proj": 0.125}
+
+
+def spense_config(fractions: dict | None = None):
     from vllm_spense.quant_config import SpenseConfig
 
-    config = SpenseConfig(SpenseQuantConfig(dense_fraction=RHO, chunk_size=CHUNK))
+    config = SpenseConfig(SpenseQuantConfig(dense_fraction=RHO, chunk_size=CHUNK, dense_fractions=fractions or {}))
     config.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
                                      "gate_up_proj": ["gate_proj", "up_proj"]}
     return config
@@ -64,13 +70,14 @@ def as_rank(rank: int, size: int) -> ExitStack:
     return stack
 
 
-def packed_parts(shapes: dict[str, tuple[int, int]], generator, shared_mask: bool = True):
+def packed_parts(shapes: dict[str, tuple[int, int]], generator, shared_mask: bool = True, rho: float = RHO):
     """Random pruned weights (one mask for all parts when shared) and their Spense tensors."""
     k = next(iter(shapes.values()))[1]
-    mask = random_dense_mask(k, CHUNK, int(RHO * CHUNK / 4), generator)
+    dense = int(rho * CHUNK / 4)
+    mask = random_dense_mask(k, CHUNK, dense, generator)
     weights, packed = {}, {}
     for name, (n, k) in shapes.items():
-        part_mask = mask if shared_mask else random_dense_mask(k, CHUNK, int(RHO * CHUNK / 4), generator)
+        part_mask = mask if shared_mask else random_dense_mask(k, CHUNK, dense, generator)
         weights[name] = random_pruned_weight(n, k, part_mask, generator)
         packed[name] = pack(weights[name], part_mask, CHUNK, name)
     return weights, packed
@@ -88,11 +95,11 @@ def load(layer, packed: dict, shard_ids: dict) -> None:
     layer.quant_method.process_weights_after_loading(layer)
 
 
-def build_qkv(rank: int, size: int):
+def build_qkv(rank: int, size: int, fractions: dict | None = None):
     from vllm.model_executor.layers.linear import QKVParallelLinear
 
     with as_rank(rank, size):
-        return QKVParallelLinear(256, 32, 4, 2, bias=False, quant_config=spense_config(), prefix=QKV)
+        return QKVParallelLinear(256, 32, 4, 2, bias=False, quant_config=spense_config(fractions), prefix=QKV)
 
 
 def rank_weight(layer) -> torch.Tensor:
@@ -101,24 +108,28 @@ def rank_weight(layer) -> torch.Tensor:
     return unpack(packed_weight(layer))
 
 
+@pytest.mark.parametrize("fractions", [None, MIXED], ids=["uniform", "mixed"])
 @pytest.mark.parametrize("tp", [1, 2])
-def test_tp_shards_reassemble_merged_and_row_parallel(vllm_env, tp, generator):
+def test_tp_shards_reassemble_merged_and_row_parallel(vllm_env, tp, fractions, generator):
     from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
+    def rho(name):
+        return (fractions or {}).get(name, RHO)
+
     qkv_shapes = {"q": (128, 256), "k": (64, 256), "v": (64, 256)}  # 4 query / 2 KV heads of 32
-    qkv_w, qkv_p = packed_parts(qkv_shapes, generator)
-    gu_w, gu_p = packed_parts({"gate": (192, 256), "up": (192, 256)}, generator)
-    o_w, o_p = packed_parts({"o": (256, 128 * tp)}, generator)
+    qkv_w, qkv_p = packed_parts(qkv_shapes, generator, rho=rho(f"{ATTN}.q_proj"))
+    gu_w, gu_p = packed_parts({"gate": (192, 256), "up": (192, 256)}, generator, rho=rho(f"{MLP}.gate_proj"))
+    o_w, o_p = packed_parts({"o": (256, 128 * tp)}, generator, rho=rho(f"{ATTN}.o_proj"))
     o_bias = torch.randn(256, generator=generator)
     x = torch.randn(5, 256, generator=generator)
     x_o = torch.randn(5, 128 * tp, generator=generator)
     rows, gate_up, o_out, o_cols = {p: [] for p in "qkv"}, {p: [] for p in ("gate", "up")}, 0, []
     for rank in range(tp):
-        qkv = build_qkv(rank, tp)
+        qkv = build_qkv(rank, tp, fractions)
         with as_rank(rank, tp):
-            gu = MergedColumnParallelLinear(256, [192, 192], bias=False, quant_config=spense_config(),
+            gu = MergedColumnParallelLinear(256, [192, 192], bias=False, quant_config=spense_config(fractions),
                                             prefix=GATE_UP)
-            o = RowParallelLinear(128 * tp, 256, bias=True, quant_config=spense_config(), prefix=O_PROJ)
+            o = RowParallelLinear(128 * tp, 256, bias=True, quant_config=spense_config(fractions), prefix=O_PROJ)
             load(qkv, qkv_p, {"q": "q", "k": "k", "v": "v"})
             load(gu, gu_p, {"gate": 0, "up": 1})
             load(o, o_p, {"o": None})
@@ -150,6 +161,19 @@ def test_merged_parts_must_share_one_mask(vllm_env, generator):
     with pytest.raises(SpenseFormatError, match=f"layer {QKV}, tensor model.layers.0.self_attn.k_proj.dense_mask: "
                                                 f"differs from model.layers.0.self_attn.q_proj.dense_mask"):
         load(qkv, packed, {"q": "q", "k": "k", "v": "v"})
+
+
+def test_mixed_fractions_size_each_layer_and_merged_parts_must_agree(vllm_env, generator):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    qkv = build_qkv(0, 1, MIXED)
+    assert qkv.dense_weight.shape == (256, 128)  # 0.5 of K=256: 32 dense groups of 4
+    with pytest.raises(SpenseFormatError, match=f"layer {O_PROJ}, tensor {ATTN}.o_proj.dense_weight: checkpoint "
+                                                f"shape \\[256, 64\\] does not fit this layer's \\[256, 0\\]"):
+        o = RowParallelLinear(256, 256, bias=False, quant_config=spense_config(MIXED), prefix=O_PROJ)
+        load(o, packed_parts({"o": (256, 256)}, generator)[1], {"o": None})  # the checkpoint's o is at 0.25
+    with pytest.raises(SpenseFormatError, match=f"layer {QKV}: vLLM merges .* different dense fractions"):
+        build_qkv(0, 1, {**MIXED, f"{ATTN}.k_proj": 0.25})
 
 
 def test_missing_part_and_bad_tensors_fail_at_load(vllm_env, generator):

@@ -135,6 +135,9 @@ def test_bad_command_lines_exit_2_and_write_nothing(tiny_model_dir, tmp_path, ca
         ([str(tiny_model_dir), "--chunk-size", "256"], "not multiples of --chunk-size 256"),
         ([str(tiny_model_dir), "--calibration", str(short_text)], "at least 65 are needed"),
         ([str(tiny_model_dir), "--method", "wanda"], "plain 2:4 baseline"),
+        ([str(tiny_model_dir), "--target-bytes", "0.4"], "--target-bytes must be in \\[0.5312, 1\\): plain 2:4"),
+        ([str(tiny_model_dir), "--allocation", "adaptive", "--method", "sparsegpt", "--dense-budget", "0"],
+         "--allocation adaptive spends a dense budget"),
     ]
     for extra, message in cases:
         code, err = _run_cli([*extra, "--out", str(out), "--nsamples", "4", "--seqlen", "64", "--device", "cpu"],

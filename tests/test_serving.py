@@ -86,6 +86,15 @@ def test_tensor_parallel_2_gives_the_same_tokens(tiny_checkpoint, tiny_tp1_answe
         assert chat(client, QUESTION)[1] == tiny_tp1_answers["chat"]
 
 
+def test_mixed_dense_fractions_serve_like_transformers_with_tensor_parallel_2(tiny_adaptive_checkpoint, tmp_path):
+    """An adaptive checkpoint (per-layer fractions in config.json), sharded over two ranks, same command."""
+    from vllm_spense.checkpoint import read_config
+
+    assert len(set(read_config(tiny_adaptive_checkpoint)[1].dense_fractions.values())) > 1
+    with VllmServer(tiny_adaptive_checkpoint, log=tmp_path / "adaptive-tp2.log", tensor_parallel=2) as client:
+        check_against_transformers(client, tiny_adaptive_checkpoint)
+
+
 @pytest.fixture(scope="module")
 def default_checkpoint(tmp_path_factory):
     """The embedded SmolLM2-135M-Instruct, pruned by SpenseGPT (rho = 0.25) on a small calibration set."""

@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vllm_spense.format import (LAYER_TENSORS, PackedSpenseWeight, SpenseFormatError, SpenseQuantConfig,
+from vllm_spense.format import (GROUP_SIZE, LAYER_TENSORS, PackedSpenseWeight, SpenseFormatError, SpenseQuantConfig,
                                 SpenseTensor, check_layout, unpack, validate)
 
 
@@ -80,6 +80,7 @@ def check_checkpoint_headers(folder: str | pathlib.Path, quant: SpenseQuantConfi
     """
     layouts = read_layouts(folder)
     layers = spense_layers(layouts)
+    dense_per_chunk = {}
     for layer in layers:
         if quant.is_ignored(layer):
             raise SpenseFormatError(f"layer {layer}: stores Spense tensors but quantization_config.ignore skips it")
@@ -90,7 +91,9 @@ def check_checkpoint_headers(folder: str | pathlib.Path, quant: SpenseQuantConfi
         missing = [t.key(layer) for t in LAYER_TENSORS if t.key(layer) not in layouts]
         if missing:
             raise SpenseFormatError(f"layer {layer}: missing tensors {missing}")
-        check_layout({t: layouts[t.key(layer)] for t in LAYER_TENSORS}, quant.chunk_size, layer)
+        dense_per_chunk[layer] = check_layout({t: layouts[t.key(layer)] for t in LAYER_TENSORS}, quant.chunk_size,
+                                              layer)
+    check_dense_fractions(quant, dense_per_chunk)
     for name, (shape, _) in layouts.items():
         module = name.rpartition(".")[0]
         if name.endswith(".weight") and len(shape) == 2 and not quant.is_ignored(module):
@@ -98,6 +101,21 @@ def check_checkpoint_headers(folder: str | pathlib.Path, quant: SpenseQuantConfi
                 f"layer {module}: stores a dense {name} {list(shape)} but is not in quantization_config.ignore; "
                 f"a Spense checkpoint stores targeted Linear layers as Spense tensors")
     return layers
+
+
+def check_dense_fractions(quant: SpenseQuantConfig, dense_per_chunk: Mapping[str, int]) -> None:
+    """Each layer's dense groups per chunk, as its tensors hold them, against what config.json declares
+    (vLLM sizes the layers from the config before it reads a tensor)."""
+    for layer, found in dense_per_chunk.items():
+        expected = quant.layer_dense_groups_per_chunk(layer)
+        if found != expected:
+            raise SpenseFormatError(
+                f"layer {layer}, tensor {SpenseTensor.DENSE_WEIGHT.key(layer)}: quantization_config gives this "
+                f"layer dense fraction {quant.layer_dense_fraction(layer)} ({expected} dense groups per "
+                f"{quant.chunk_size}-channel chunk), its tensors hold {found}")
+    unknown = sorted(set(quant.dense_fractions) - set(dense_per_chunk))
+    if unknown:
+        raise SpenseFormatError(f"quantization_config.dense_fractions names layers with no Spense tensors: {unknown}")
 
 
 def spense_layers(tensors: Mapping[str, object]) -> list[str]:
@@ -133,4 +151,8 @@ def dense_state_dict(folder: str | pathlib.Path) -> tuple[dict, SpenseQuantConfi
              if not any(key == t.key(layer) for layer in layers for t in LAYER_TENSORS)}
     for layer in layers:
         state[f"{layer}.weight"] = unpack_layer(tensors, layer, quant)
+    chunks = {layer: tensors[SpenseTensor.DENSE_MASK.key(layer)].numel() * GROUP_SIZE // quant.chunk_size
+              for layer in layers}
+    check_dense_fractions(quant, {layer: int(tensors[SpenseTensor.DENSE_MASK.key(layer)].sum()) // chunks[layer]
+                                  for layer in layers})
     return config, quant, state

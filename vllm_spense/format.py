@@ -93,6 +93,9 @@ class SpenseQuantConfig:
     ignore: tuple[str, ...] = DEFAULT_IGNORE
     # How the checkpoint was made (method, selection, samples...): informative only.
     pruning: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    # Per-layer fractions by checkpoint layer name (an adaptive allocation lists every layer); a layer not
+    # listed has ``dense_fraction``. vLLM sizes each layer's tensors from this before any tensor is read.
+    dense_fractions: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         where = "quantization_config"
@@ -107,6 +110,25 @@ class SpenseQuantConfig:
                 f"{where}: chunk_size must be a positive multiple of {2 * GROUP_SIZE}, found {self.chunk_size!r}")
         if not (0.0 <= float(self.dense_fraction) < 1.0):
             raise SpenseFormatError(f"{where}: dense_fraction must be in [0, 1), found {self.dense_fraction!r}")
+        for layer, fraction in self.dense_fractions.items():
+            if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
+                raise SpenseFormatError(f"{where}: dense_fractions[{layer!r}] must be a number in [0, 1), "
+                                        f"found {fraction!r}")
+            try:
+                dense_groups_per_chunk(fraction, self.chunk_size)
+            except SpenseFormatError as error:
+                raise SpenseFormatError(f"{where}: dense_fractions[{layer!r}]: {error}") from None
+
+    def layer_dense_fraction(self, layer: str) -> float:
+        """The dense fraction of one checkpoint layer (``model.layers.0.self_attn.q_proj``)."""
+        return self.dense_fractions.get(layer, self.dense_fraction)
+
+    def layer_dense_groups_per_chunk(self, layer: str) -> int:
+        try:
+            return dense_groups_per_chunk(self.layer_dense_fraction(layer), self.chunk_size)
+        except SpenseFormatError as error:
+            raise SpenseFormatError(f"layer {layer}: quantization_config gives it no dense_fractions entry, and "
+                                    f"the model-wide {error}") from None
 
     @property
     def groups_per_chunk(self) -> int:
@@ -122,6 +144,7 @@ class SpenseQuantConfig:
             "targets": list(self.targets),
             "ignore": list(self.ignore),
             "pruning": dict(self.pruning),
+            **({"dense_fractions": dict(self.dense_fractions)} if self.dense_fractions else {}),
         }
 
     @classmethod
@@ -149,8 +172,9 @@ class SpenseQuantConfig:
         fraction = kwargs["dense_fraction"]
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or fraction != fraction:
             raise SpenseFormatError(f"quantization_config: dense_fraction must be a number, found {fraction!r}")
-        if not isinstance(kwargs.get("pruning", {}), dict):
-            raise SpenseFormatError(f"quantization_config: pruning must be an object, found {kwargs['pruning']!r}")
+        for key in ("pruning", "dense_fractions"):
+            if not isinstance(kwargs.get(key, {}), dict):
+                raise SpenseFormatError(f"quantization_config: {key} must be an object, found {kwargs[key]!r}")
         return cls(**kwargs)
 
     def is_ignored(self, module_name: str) -> bool:
@@ -174,6 +198,22 @@ def dense_groups_per_chunk(dense_fraction: float, chunk_size: int) -> int:
             f"dense fraction {dense_fraction} with chunk size {chunk_size} gives {groups:g} dense groups per "
             f"chunk; it must be an even whole number, so use a multiple of {step:g}")
     return count
+
+
+def stored_bytes_ratio(dense_fraction: float, value_bytes: int) -> float:
+    """Bytes a Spense matrix stores, which a decode GEMM reads, per byte of the dense matrix.
+
+    A dense group keeps its 4 values; a 2:4 group keeps 2 values and one 4-bit index pair (half a byte).
+    The mask (one byte per group, once per matrix) is left out: under 0.1% of any real layer.
+    """
+    sparse = (SPARSE_KEPT * value_bytes + 0.5) / (GROUP_SIZE * value_bytes)
+    return dense_fraction + (1.0 - dense_fraction) * sparse
+
+
+def dense_fraction_for_bytes(ratio: float, value_bytes: int) -> float:
+    """The dense fraction whose Spense matrices store ``ratio`` times the dense bytes (inverse of the above)."""
+    floor = stored_bytes_ratio(0.0, value_bytes)
+    return (ratio - floor) / (1.0 - floor)
 
 
 def _fail(layer: str, tensor: SpenseTensor, message: str) -> None:

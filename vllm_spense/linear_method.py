@@ -15,8 +15,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 from vllm.model_executor.parameter import ModelWeightParameter, RowvLLMParameter
 
 from vllm_spense import linear_kernel
-from vllm_spense.format import (GROUP_SIZE, SPARSE_KEPT, VALUE_DTYPES, SpenseFormatError, SpenseTensor,
-                                dense_groups_per_chunk)
+from vllm_spense.format import GROUP_SIZE, SPARSE_KEPT, VALUE_DTYPES, SpenseFormatError, SpenseTensor
 
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
@@ -56,7 +55,14 @@ class _CheckedLoads:
         self._load(super().load_column_parallel_weight, loaded_weight)
 
     def load_row_parallel_weight(self, loaded_weight):
-        self._load(super().load_row_parallel_weight, loaded_weight)
+        self._load(self._load_row_parallel, loaded_weight)
+
+    def _load_row_parallel(self, loaded_weight: torch.Tensor) -> None:
+        # vLLM narrows the input dimension to this rank's slice, which silently accepts a wider tensor.
+        expected = [size * (self.tp_size if dim == self.input_dim else 1) for dim, size in enumerate(self.data.shape)]
+        if list(loaded_weight.shape) != expected:
+            raise AssertionError(f"expected the whole tensor {expected} over {self.tp_size} ranks")
+        super().load_row_parallel_weight(loaded_weight)
 
     def load_merged_column_weight(self, loaded_weight, **kwargs):
         self._load(super().load_merged_column_weight, loaded_weight, kwargs.get("shard_id"), **kwargs)
@@ -113,9 +119,9 @@ class SpenseLinearMethod(LinearMethodBase):
                 f"that splits K into whole {chunk}-channel chunks (or prune with a smaller --chunk-size)")
         n = sum(output_partition_sizes)
         groups = input_size_per_partition // GROUP_SIZE
-        g_dense = dense_groups_per_chunk(spense.dense_fraction, chunk) * (input_size_per_partition // chunk)
-        g_sparse = groups - g_dense
         shard_names = self.quant_config.shard_names(self.prefix)
+        g_dense = self._dense_groups_per_chunk(shard_names) * (input_size_per_partition // chunk)
+        g_sparse = groups - g_dense
         loader = extra_weight_attrs["weight_loader"]
         values = (*VALUE_DTYPES,)
         for tensor, columns, dtype, allowed in (
@@ -130,6 +136,18 @@ class SpenseLinearMethod(LinearMethodBase):
         mask._spense_init(self.prefix, SpenseTensor.DENSE_MASK, shard_names, (torch.bool,))
         layer.register_parameter(SpenseTensor.DENSE_MASK.value, mask)
         layer.spense_parts = list(zip(shard_names, output_partition_sizes, strict=True))
+
+    def _dense_groups_per_chunk(self, shard_names: list[str]) -> int:
+        """This layer's dense groups per chunk (per-layer with an adaptive allocation); the parts of a merged
+        layer share one mask, so they must agree."""
+        spense = self.quant_config.spense
+        counts = {name: spense.layer_dense_groups_per_chunk(name) for name in shard_names}
+        if len(set(counts.values())) > 1:
+            fractions = {name: spense.layer_dense_fraction(name) for name in shard_names}
+            raise SpenseFormatError(
+                f"layer {self.prefix}: vLLM merges {shard_names} into one layer with one dense mask, but "
+                f"quantization_config gives them different dense fractions {fractions}")
+        return counts[shard_names[0]]
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         for tensor in SpenseTensor:
