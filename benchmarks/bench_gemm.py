@@ -53,6 +53,14 @@ def timed(make_call, weights, xs) -> float:
     return triton.testing.do_bench_cudagraph(lambda: make_call(*next(pairs)), rep=30, return_mode="median")
 
 
+def rotating_weights(name: str, rho: float):
+    """(K, Spense weights, dense weights) of one shape: enough copies that L2 never holds the next one."""
+    n, k = SHAPES[name]
+    base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))
+    return k, [spense_weight_for(base, rho) for _ in range(copies)], [base.clone() for _ in range(copies)]
+
+
 def sweep_decode(path: str | None) -> None:
     """Time decode tile configs on the Qwen3-8B shapes at rho = 0.25 (what choose_config encodes):
     the CUDA-core gemv kernel at M = 1 and 4, the MMA kernel at M = 8 and 16."""
@@ -66,11 +74,8 @@ def sweep_decode(path: str | None) -> None:
                                                                      (3, 5))]
     results = []
     for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
-        n, k = SHAPES[name]
-        base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))
-        ws = [spense_weight_for(base, 0.25) for _ in range(copies)]
-        dense_ws = [base.clone() for _ in range(copies)]
+        k, ws, dense_ws = rotating_weights(name, 0.25)
+        copies = len(ws)
         for m in (1, 4, 8, 16):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
             cublas_us = timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3
@@ -95,14 +100,41 @@ def sweep_decode(path: str | None) -> None:
             json.dump(results, handle, indent=1)
 
 
+def crossover(path: str) -> None:
+    """The fused MMA kernel against unpack + cuBLAS for mid-size M on the Qwen3-8B shapes at rho = 0.25:
+    where ``PREFILL_MIN_M`` should sit."""
+    from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, choose_config
+
+    results = []
+    for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
+        k, ws, dense_ws = rotating_weights(name, 0.25)
+        for m in (8, 16, 32, 64, 128, 192, 255):
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(len(ws))]
+            # The MMA kernel as choose_config sets it up to M = 64 (its 64-row tiles), forced for larger M.
+            mma = choose_config(min(m, 64), SHAPES[name][0], k, torch.device("cuda"))
+            row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
+                   "mma_us": timed(lambda w, x: spense_gemm(x, w, config=mma), ws, xs) * 1e3,
+                   "unpack_us": timed(lambda w, x: spense_gemm(x, w, config=UNPACK_AND_CUBLAS), ws, xs) * 1e3}
+            results.append(row)
+            print(f"crossover {name} m={m}: cuBLAS {row['cublas_us']:.1f} us, mma {row['mma_us']:.1f} us, "
+                  f"unpack+cuBLAS {row['unpack_us']:.1f} us", flush=True)
+        del ws, dense_ws
+        torch.cuda.empty_cache()
+    with open(path, "w") as handle:
+        json.dump(results, handle, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--ms", nargs="*", type=int, default=MS)
     parser.add_argument("--sweep", help="also time decode tile configs; write them to this JSON file")
+    parser.add_argument("--crossover", help="only time MMA vs unpack + cuBLAS for mid-size M; write this JSON file")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.crossover:
+        return crossover(args.crossover)
     if args.sweep:
         sweep_decode(args.sweep)
     bandwidth = copy_bandwidth()

@@ -11,7 +11,7 @@ Decode, M <= ``GEMV_MAX_M`` (``_spense_gemv_kernel``): CUDA-core FMAs over the s
 the activation under each kept 2:4 value is picked from its group's four with two selects. No MMA, so no
 register-layout conversion of the expanded tile.
 
-Small and mid-size M (``_spense_gemm_kernel``): ``x`` is permuted once (``x[:, channel_perm]``, M*K
+M from 5 to 64 (``_spense_gemm_kernel``): ``x`` is permuted once (``x[:, channel_perm]``, M*K
 elements, a few microseconds) so both regions read contiguous activation columns. One program owns a
 ``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region in ``BLOCK_KD``
 steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding the packed values and 4-bit
@@ -19,8 +19,8 @@ indices in registers into a ``BLOCK_N x 4*BLOCK_G`` tile with zeros at the prune
 MMA. W is never decompressed in memory. With ``SPLIT_K > 1`` (few output tiles, long K) programs split
 both walks and add partial sums into an fp32 buffer with atomics.
 
-Prefill (M >= ``PREFILL_MIN_M``): ``_spense_unpack_kernel`` rebuilds W into a temporary (bandwidth-bound,
-small next to an M >= 256 GEMM) and cuBLAS multiplies; the temporary is freed after the call.
+Prefill and large decode batches (M >= ``PREFILL_MIN_M`` = 65): ``_spense_unpack_kernel`` rebuilds W into
+a temporary and cuBLAS multiplies; the temporary is freed after the call.
 
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
 bound by the weight bytes read (0.67x dense at rho = 0.25), which is where a speedup has to come from.
@@ -268,7 +268,9 @@ class KernelConfig:
 
 # Prefill: rebuild W per call in block_n x block_kd tiles of its natural layout, then cuBLAS.
 UNPACK_AND_CUBLAS = KernelConfig(0, 32, 128, 0, 1, 4, 1, "unpack")
-PREFILL_MIN_M = 256
+# From M = 65 the MMA kernel needs a second 64-row tile and unpack + cuBLAS is faster on every Qwen3-8B
+# shape (docs/measurements/crossover_h200.json: at M = 128, 219 vs 330 us on qkv, 785 vs 1208 on gate_up).
+PREFILL_MIN_M = 65
 GEMV_MAX_M = 4
 
 
@@ -279,8 +281,8 @@ def _num_sms(device_index: int) -> int:
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
     """Kernel and tiles by M. M <= 4: the CUDA-core gemv kernel, split-K to about 6 programs per SM;
-    M < 256: the MMA kernel, 16-32-row tiles, split-K until about 4 programs per SM per 4096 channels of K
-    (the decode sweeps in docs/KERNELS.md); prefill: unpack + cuBLAS."""
+    M <= 64: the MMA kernel, 16-64-row tiles, split-K until about 4 programs per SM per 4096 channels of K
+    (the decode sweeps in docs/KERNELS.md); M >= 65: unpack + cuBLAS."""
     if m >= PREFILL_MIN_M:
         return UNPACK_AND_CUBLAS
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 1

@@ -61,6 +61,8 @@ def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     assert choose_config(1, 4096, 4096, torch.device("cpu")).kernel == "gemv"
     assert choose_config(3, 4096, 4096, torch.device("cpu")).block_m == 4
     assert choose_config(16, 4096, 4096, torch.device("cpu")).kernel == "mma"
+    assert choose_config(64, 4096, 4096, torch.device("cpu")).kernel == "mma"
+    assert choose_config(65, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
     assert choose_config(4096, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
 
 
