@@ -1,0 +1,131 @@
+"""Decode and prefill speed of real ``vllm serve`` on the GPU: dense vs Spense checkpoints, one call.
+
+    python benchmarks/vllm_gpu/bench_serving.py --models /tmp/vm/dense /tmp/vm/spense --json out.json
+
+For each checkpoint: start vLLM's OpenAI server (CUDA graphs and torch.compile as vLLM does by default;
+the plugin is found through its entry point, the Spense method through config.json), then with an
+async OpenAI client: ``batch`` concurrent streamed completions of ``--prompt-tokens`` random token ids and
+``--max-tokens`` generated tokens each (``ignore_eos``). Decode tokens/s = batch x the median per-request
+rate (tokens after the first / time from first to last token), since all requests decode together;
+prefill tokens/s = prompt tokens / time to first token of a lone request. Median of ``--repeats``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import random
+import statistics
+import sys
+import time
+
+from vllm_spense.local_server import VllmServer, free_port
+
+
+def server_command(model: str, port: int, max_seqs: int) -> list[str]:
+    sizes = sorted({1, 2, 4, 8, 16, 32, max_seqs})
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
+            "spense", "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "4096",
+            "--max-num-seqs", str(max_seqs), "--gpu-memory-utilization", "0.85", "--seed", "0",
+            "--no-enable-prefix-caching", "--compilation-config", json.dumps({"cudagraph_capture_sizes": sizes})]
+
+
+async def stream_one(client, prompt: list[int], max_tokens: int) -> tuple[float, float, float, int]:
+    """(start, first token, last token) times and the number of completion tokens."""
+    start = time.perf_counter()
+    first = last = None
+    tokens = 0
+    stream = await client.completions.create(model="spense", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                             stream=True, stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        now = time.perf_counter()
+        if chunk.choices:
+            first = first or now
+            last = now
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return start, first, last, tokens
+
+
+async def measure(url: str, vocab: int, args) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    rng = random.Random(0)
+
+    def prompt(length):
+        return [rng.randrange(2, vocab) for _ in range(length)]
+
+    await asyncio.gather(*(stream_one(client, prompt(64), 8) for _ in range(4)))  # warm up
+    result = {"decode": {}, "prefill": {}}
+    for batch in args.batches:
+        rates = []
+        for _ in range(args.repeats):
+            runs = await asyncio.gather(*(stream_one(client, prompt(args.prompt_tokens), args.max_tokens)
+                                          for _ in range(batch)))
+            per_request = [(n - 1) / (last - first) for _, first, last, n in runs if n > 1 and last > first]
+            rates.append(batch * statistics.median(per_request))
+        result["decode"][str(batch)] = {"tokens_per_s": statistics.median(rates), "runs": rates}
+        print(f"  decode batch {batch}: {statistics.median(rates):.1f} tokens/s", flush=True)
+    for length in args.prefill:
+        times = []
+        for _ in range(args.repeats):
+            start, first, _, _ = await stream_one(client, prompt(length), 1)
+            times.append(first - start)
+        result["prefill"][str(length)] = {"tokens_per_s": length / statistics.median(times), "ttft_s": times}
+        print(f"  prefill {length}: {length / statistics.median(times):.0f} tokens/s", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--prefill", type=int, nargs="+", default=[2048])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--logs", default="/tmp")
+    args = parser.parse_args(argv)
+    import torch
+    import vllm
+
+    results = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+               "settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
+    for model in args.models:
+        name = pathlib.Path(model).name
+        vocab = json.loads((pathlib.Path(model) / "config.json").read_text())["vocab_size"]
+        log = pathlib.Path(args.logs) / f"vllm_{name}.log"
+        port = free_port()
+        start = time.perf_counter()
+        print(f"{name}: starting vLLM", flush=True)
+        try:
+            with VllmServer(None, log=log, command=server_command(model, port, max(args.batches)), port=port,
+                            env={"VLLM_USE_FLASHINFER_SAMPLER": "0"}) as _:
+                startup = time.perf_counter() - start
+                print(f"{name}: healthy after {startup:.0f} s", flush=True)
+                measured = asyncio.run(measure(f"http://127.0.0.1:{port}", vocab, args))
+        except RuntimeError as error:
+            print(f"{name}: FAILED\n{error}", flush=True)
+            results["models"][name] = {"error": str(error)[-4000:]}
+            continue
+        results["models"][name] = {"startup_s": startup, **measured}
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    base = results["models"].get("dense", {})
+    for name, data in results["models"].items():
+        if "decode" in data and "decode" in base:
+            data["decode_speedup"] = {b: data["decode"][b]["tokens_per_s"] / base["decode"][b]["tokens_per_s"]
+                                      for b in data["decode"]}
+            data["prefill_speedup"] = {n: data["prefill"][n]["tokens_per_s"] / base["prefill"][n]["tokens_per_s"]
+                                       for n in data["prefill"]}
+    pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    print(json.dumps({n: {k: v for k, v in d.items() if k.endswith("speedup")} for n, d in results["models"].items()}))
+    return 0 if all("error" not in d for d in results["models"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the GPU machine (see prepare.sh): receive a part, install vLLM + the plugin, or run the serving benchmark.
+set -uo pipefail
+store=/tmp/vllm_ship
+case $1 in
+  receive) mkdir -p "$store" && cp ".vllm_ship/$2" "$store/" && du -sh "$store" ;;
+  install)
+    [ -n "${2:-}" ] && cp ".vllm_ship/$2" "$store/"
+    cat "$store"/part_* | tar -x -C "$store" || exit 1
+    # Every shipped wheel whose distribution the image lacks, without dependency resolution: mistral-common
+    # pins numpy < 2.4 and the image's numpy 2.5 (which torch was built with) must stay.
+    python3 - "$store/payload/wheels" <<'PY' || exit 1
+import glob, importlib.metadata as md, re, subprocess, sys
+missing = []
+for wheel in sorted(glob.glob(sys.argv[1] + "/*.whl")):
+    try:
+        md.version(re.split(r"-\d", wheel.rsplit("/", 1)[1])[0])
+    except md.PackageNotFoundError:
+        missing.append(wheel)
+print(len(missing), "wheels to install")
+sys.exit(subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", *missing]).returncode)
+PY
+    python3 -m pip install -q --no-deps --no-build-isolation --no-index . || exit 1
+    src=$PWD && cd /tmp
+    python3 -c "import vllm, vllm.entrypoints.openai.api_server; print('vllm', vllm.__version__)" 2>&1 | tail -5
+    python3 "$src/benchmarks/vllm_gpu/make_checkpoints.py" /tmp/vm "$store/payload/tokenizer" ;;
+  bench)
+    out=${2:-/tmp/out}
+    cd /tmp && src=$OLDPWD
+    [ -d /tmp/vm/spense ] || python3 "$src/benchmarks/vllm_gpu/make_checkpoints.py" /tmp/vm "$store/payload/tokenizer" || exit 1
+    python3 "$src/benchmarks/vllm_gpu/bench_serving.py" --models /tmp/vm/dense /tmp/vm/spense --json "$out/vllm_serving.json" --logs "$out"
+    status=$?
+    for f in "$out"/vllm_*.log; do tail -c 200000 "$f" > "$f.tail" && mv "$f.tail" "$f"; done
+    exit $status ;;
+esac

@@ -1,0 +1,90 @@
+"""benchmarks/bench_decode.py on the CPU: its Spense decoder against fp64 math on the unpacked weights, and
+an end-to-end run of the script on the tiny model."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_decode  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+CPU = torch.device("cpu")
+CONTEXT = 24
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and their synchronisation stalls on a busy CI machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.125, 0.25])
+@pytest.mark.parametrize("batch, tokens", [(3, 1), (20, 1), (1, 19)])  # decode: gather and unpack paths; prefill
+def test_spense_decoder_matches_fp64_on_unpacked_weights(rho, batch, tokens, generator):
+    cfg = bench_decode.TINY
+    model = bench_decode.build_model(cfg, rho, CPU, torch.float32, CONTEXT + 1, seed=int(generator.initial_seed()))
+    start = 0 if tokens > 1 else CONTEXT
+    cache = bench_decode.make_cache(cfg, batch, start + tokens, CPU, torch.float32, generator)
+    ids = torch.randint(cfg.vocab, (batch, tokens), generator=generator)
+
+    reference = copy.deepcopy(model).double()  # the same packed tensors, multiplied as unpack's dense W in fp64
+    bench_decode.set_check_mode(reference, reference=True)
+    expected = reference(ids, start, [(k.double(), v.double()) for k, v in cache])
+    logits = model(ids, start, cache)
+
+    assert logits.shape == (batch, cfg.vocab)
+    assert expected.std(dim=-1).min() > 0.1  # non-trivial logits
+    assert bench_decode.rel_err(logits, expected) < 1e-5
+    dense = bench_decode.build_model(cfg, None, CPU, torch.float32, CONTEXT + 1, seed=int(generator.initial_seed()))
+    assert bench_decode.rel_err(dense(ids, start, cache), expected) > 1e-2  # the pruning changed the model
+
+
+def test_guard_stops_the_run_on_a_wrong_kernel(monkeypatch):
+    model = bench_decode.build_model(bench_decode.TINY, 0.25, CPU, torch.float32, CONTEXT + 1)
+    good = bench_decode.check_step(model, 2, CONTEXT, seed=1)
+    assert good["worst_linear"] < 1e-5 and good["logits"] < 1e-5
+    apply = bench_decode.linear_kernel.apply
+    # A kernel that reads its input one 4-channel group off, as a wrong channel map would.
+    monkeypatch.setattr(bench_decode.linear_kernel, "apply", lambda layer, x: apply(layer, x.roll(4, dims=-1)))
+    assert bench_decode.check_step(model, 2, CONTEXT, seed=1)["worst_linear"] > 0.1
+    with pytest.raises(RuntimeError, match="rho=0.25: Spense outputs differ"):
+        bench_decode.main(["--device", "cpu", "--tiny", "--variants", "rho=0.25", "--context", str(CONTEXT)])
+
+
+def test_script_runs_and_writes_every_figure(tmp_path):
+    out = tmp_path / "bench_decode.json"
+    assert bench_decode.main(["--device", "cpu", "--tiny", "--variants", "dense", "rho=0.25", "--batches", "1", "3",
+                              "--context", "16", "--prefill", "32", "--budget", "0.01", "--repeats", "2",
+                              "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert {"device", "torch", "triton", "dtype", "config", "variants", "wall_s"} <= set(data)
+    assert data["config"]["layers"] == 2 and data["config"]["hidden"] == 256
+    assert list(data["variants"]) == ["dense", "rho=0.25"]
+    spense = data["variants"]["rho=0.25"]
+    assert spense["linear_bytes"] < data["variants"]["dense"]["linear_bytes"]
+    assert spense["check_rel_err"]["2"]["logits"] < 1e-4
+    for result in data["variants"].values():
+        for batch in ("1", "3"):
+            entry = result["decode"][batch]
+            assert {"step_ms", "tokens_per_s", "linear_ms", "gemm_share", "speedup"} <= set(entry)
+            assert entry["tokens_per_s"] == pytest.approx(int(batch) / entry["step_ms"] * 1e3)
+        assert {"ms", "tokens_per_s", "speedup"} <= set(result["prefill"]["32"])
+    assert data["variants"]["dense"]["decode"]["1"]["speedup"] == 1.0
+
+    import report_decode
+
+    text = report_decode.tables(data)
+    assert "| rho=0.25 |" in text and "prefill 32" in text
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "decode.png"
+    report_decode.plot(data, str(png))
+    assert png.stat().st_size > 1000

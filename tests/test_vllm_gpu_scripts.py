@@ -1,0 +1,41 @@
+"""The checkpoints benchmarks/vllm_gpu writes for real vLLM on the GPU, made here at a tiny size on the CPU:
+the dense one holds the seeded weights, the Spense one passes the plugin's header check and unpacks to
+the same weights pruned."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import torch
+
+from vllm_spense.checkpoint import check_checkpoint_headers, dense_state_dict, read_config, read_tensors
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_gpu"))
+import make_checkpoints  # noqa: E402  (a script folder, not a package)
+from bench_decode import TINY  # noqa: E402  (make_checkpoints put benchmarks/ on the path)
+
+
+def test_dense_and_spense_checkpoints_agree(tmp_path, tiny_model_dir):
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tokenizer / name).write_bytes((tiny_model_dir / name).read_bytes())
+    cfg = TINY
+    make_checkpoints.main(str(tmp_path / "out"), str(tokenizer), cfg=cfg, device="cpu")
+    dense, spense = tmp_path / "out" / "dense", tmp_path / "out" / "spense"
+    _, quant = read_config(spense)
+    assert len(check_checkpoint_headers(spense, quant)) == 7 * cfg.layers
+    dense_tensors = read_tensors(dense)
+    _, _, unpacked = dense_state_dict(spense)
+    for name, weight in dense_tensors.items():
+        assert unpacked[name].dtype == weight.dtype == torch.bfloat16
+        if name.endswith("proj.weight") and ".layers." in name:
+            kept = unpacked[name] != 0
+            groups = kept.view(weight.shape[0], -1, 4).sum(-1)
+            assert ((groups == 2) | (groups == 4)).all(), name  # 2:4 groups and dense groups only
+            assert torch.equal(unpacked[name][kept], weight[kept]), name  # kept values are the dense ones
+            assert (groups == 4).float().mean() == 0.25, name  # rho = 0.25 in every matrix
+        else:
+            assert torch.equal(unpacked[name], weight), name
+    assert (dense / "tokenizer.json").is_file() and (spense / "config.json").is_file()
