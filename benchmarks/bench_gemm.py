@@ -62,8 +62,8 @@ def rotating_weights(name: str, rho: float):
 
 
 def sweep_decode(path: str | None) -> None:
-    """Time decode tile configs on the Qwen3-8B shapes at rho = 0.25 (what choose_config encodes):
-    the CUDA-core gemv kernel at M = 1 and 4, the MMA kernel at M = 8 and 16."""
+    """Time decode tile configs on the Qwen3-8B shapes at rho = 0.25 (what choose_config and mma_config
+    encode): the CUDA-core gemv kernel at M = 1 and 4, the MMA kernel at M = 8 and 16."""
     from vllm_spense.kernels.spense_gemm import KernelConfig
 
     gemv = [KernelConfig(0, block_n, kd, g, split_k, warps, 3, "gemv")
@@ -101,17 +101,16 @@ def sweep_decode(path: str | None) -> None:
 
 
 def crossover(path: str) -> None:
-    """The fused MMA kernel against unpack + cuBLAS for mid-size M on the Qwen3-8B shapes at rho = 0.25:
-    where ``PREFILL_MIN_M`` should sit."""
-    from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, choose_config
+    """The fused MMA kernel against the cuBLAS + 2:4 expansion path for mid-size M on the Qwen3-8B shapes
+    at rho = 0.25: where ``PREFILL_MIN_M`` should sit."""
+    from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, mma_config
 
     results = []
     for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
         k, ws, dense_ws = rotating_weights(name, 0.25)
         for m in (8, 16, 32, 64, 128, 192, 255):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(len(ws))]
-            # The MMA kernel as choose_config sets it up to M = 64 (its 64-row tiles), forced for larger M.
-            mma = choose_config(min(m, 64), SHAPES[name][0], k, torch.device("cuda"))
+            mma = mma_config(m, SHAPES[name][0], k, torch.device("cuda"))
             row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
                    "mma_us": timed(lambda w, x: spense_gemm(x, w, config=mma), ws, xs) * 1e3,
                    "unpack_us": timed(lambda w, x: spense_gemm(x, w, config=UNPACK_AND_CUBLAS), ws, xs) * 1e3}

@@ -3,7 +3,7 @@
     python benchmarks/kernel_report.py
 
 For the Qwen3-8B qkv shape at rho = 0.25: registers, spills and shared memory of every compiled variant
-of the fused GEMM and the unpack kernel, and CUDA-graph timings of the unpack kernel alone, the fused
+of the fused GEMM and the 2:4 expand kernel, and CUDA-graph timings of the expand kernel alone, the fused
 kernel at M = 1, and the same kernel on a weight with no 2:4 groups' work (rho = 0.5) for comparison.
 """
 
@@ -31,12 +31,12 @@ def main() -> None:
         w = spense_weight_for(base, rho)
         t_gemm = triton.testing.do_bench_cudagraph(lambda: sg.spense_gemm(x1, w), return_mode="median")
         t_perm = triton.testing.do_bench_cudagraph(lambda: x1.index_select(1, w.channel_perm), return_mode="median")
-        t_unpack = triton.testing.do_bench_cudagraph(lambda: sg.unpack_weight(w), return_mode="median")
+        t_unpack = triton.testing.do_bench_cudagraph(lambda: sg.expand_2_4(w), return_mode="median")
         print(f"rho={rho}: fused M=1 {t_gemm * 1e3:.1f} us (x permute alone {t_perm * 1e3:.1f} us), "
-              f"unpack alone {t_unpack * 1e3:.1f} us")
+              f"2:4 expand alone {t_unpack * 1e3:.1f} us")
     t_copy = triton.testing.do_bench_cudagraph(lambda: base.clone(), return_mode="median")
     print(f"clone of the dense weight (read + write {2 * base.numel() * 2 / 2**20:.0f} MiB): {t_copy * 1e3:.1f} us")
-    for name, kernel in (("fused", sg._spense_gemm_kernel), ("unpack", sg._spense_unpack_kernel)):
+    for name, kernel in (("fused", sg._spense_gemm_kernel), ("expand", sg._spense_expand_kernel)):
         for compiled in compiled_variants(kernel):
             meta = compiled.metadata
             print(f"{name}: regs={compiled.n_regs} spills={compiled.n_spills} shared={meta.shared} "

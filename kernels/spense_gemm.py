@@ -5,13 +5,15 @@ Shapes (docs/FORMAT.md): ``x [M, K]`` fp16/bf16/fp32; ``dense_weight [N, KD]`` (
 (``SpenseGemmWeight``): ``dense_channels [KD]`` / ``sparse_channels [4 * GS]`` int32, the input channel of
 every dense column and of every position of every 2:4 group, and ``channel_perm = cat(dense, sparse)``.
 
-Three paths, chosen by M in ``choose_config`` (inside ``spense_gemm``, which the vLLM custom op calls).
+Two paths are chosen by M in ``choose_config`` (inside ``spense_gemm``, which the vLLM custom op calls);
+a third kernel runs only when a config asks for it.
 
 Decode, M <= ``GEMV_MAX_M`` (``_spense_gemv_kernel``): CUDA-core FMAs over the same permuted activations;
 the activation under each kept 2:4 value is picked from its group's four with two selects. No MMA, so no
 register-layout conversion of the expanded tile.
 
-M from 5 to 64 (``_spense_gemm_kernel``): ``x`` is permuted once (``x[:, channel_perm]``, M*K
+Fused MMA (``_spense_gemm_kernel``, explicit configs only: since the prefill path stopped rebuilding the
+dense region it is faster from M = 8, docs/KERNELS.md): ``x`` is permuted once (``x[:, channel_perm]``, M*K
 elements, a few microseconds) so both regions read contiguous activation columns. One program owns a
 ``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region in ``BLOCK_KD``
 steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding the packed values and 4-bit
@@ -19,8 +21,9 @@ indices in registers into a ``BLOCK_N x 4*BLOCK_G`` tile with zeros at the prune
 MMA. W is never decompressed in memory. With ``SPLIT_K > 1`` (few output tiles, long K) programs split
 both walks and add partial sums into an fp32 buffer with atomics.
 
-Prefill and large decode batches (M >= ``PREFILL_MIN_M`` = 65): ``_spense_unpack_kernel`` rebuilds W into
-a temporary and cuBLAS multiplies; the temporary is freed after the call.
+From M = ``PREFILL_MIN_M`` = 5 (batched decode and prefill): cuBLAS multiplies the permuted activations'
+dense columns by ``dense_weight`` as stored, then ``_spense_expand_kernel`` writes the 2:4 region as a
+dense ``[N, 4 * GS]`` temporary (contiguous reads and writes) and a second cuBLAS call adds its product.
 
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
 bound by the weight bytes read (0.67x dense at rho = 0.25), which is where a speedup has to come from.
@@ -186,34 +189,32 @@ def _spense_gemv_kernel(
 
 
 @triton.jit
-def _spense_unpack_kernel(
-    dense_w_ptr, sparse_w_ptr, meta_ptr, group_src_ptr, out_ptr,
-    N, K,
-    stride_dwn, stride_swn, stride_metan, stride_on,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+def _spense_expand_kernel(
+    sparse_w_ptr, meta_ptr, out_ptr,
+    N, GS,
+    stride_swn, stride_metan, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
-    """Rebuild a [BLOCK_N, BLOCK_K] tile of W [N, K] in its original channel order (zeros at pruned
-    positions) for the prefill path. Reads are gathered, writes contiguous: ``group_src[g]`` is the first
-    dense column of group g when it is dense, else ``-(1 + its index among the 2:4 groups)``."""
+    """The 2:4 region as a dense ``[N, 4 * GS]`` matrix for the prefill path: 2:4 group after group in their
+    permuted order (the columns ``x[:, channel_perm][:, KD:]`` meets), zeros at the pruned positions.
+    Contiguous reads and contiguous writes; the dense region needs no copy at all."""
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
+    pid_g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    kk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    gg = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_n = offs_n < N
-    mask_k = kk < K
-    src = tl.load(group_src_ptr + kk // 4, mask=mask_k, other=0)
-    position = kk % 4
-    is_dense = src >= 0
-    mask = mask_n[:, None] & mask_k[None, :]
-    dense = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + (src + position)[None, :],
-                    mask=mask & is_dense[None, :], other=0.0)
-    g = tl.where(is_dense, 0, -src - 1)
-    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, g, mask & ~is_dense[None, :],
-                                           stride_swn, stride_metan, dense_w_ptr.dtype.element_ty)
-    p = position[None, :]
-    sparse = tl.where(i0 == p, first, tl.where(i1 == p, second, tl.zeros_like(first)))
-    w = tl.where(is_dense[None, :], dense, sparse)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + kk[None, :], w, mask=mask)
+    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask_n[:, None] & (gg < GS)[None, :],
+                                           stride_swn, stride_metan, out_ptr.dtype.element_ty)
+    zero = tl.zeros_like(first)
+    w0 = tl.where(i0 == 0, first, zero)  # the first index is 0..2, the second 1..3
+    w1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, zero))
+    w2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, zero))
+    w3 = tl.where(i1 == 3, second, zero)
+    # join(join(w0, w2), join(w1, w3))[n, g, a, b] holds position 2a + b: reshaped, positions 0..3 in order.
+    tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * BLOCK_G))
+    cols = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
+    tl.store(out_ptr + offs_n[:, None] * stride_on + cols[None, :], tile,
+             mask=mask_n[:, None] & (cols < 4 * GS)[None, :])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,12 +267,13 @@ class KernelConfig:
     kernel: str = "mma"  # "gemv" (CUDA-core FMAs, tiny M), "mma" (fused tl.dot) or "unpack" (+ cuBLAS)
 
 
-# Prefill: rebuild W per call in block_n x block_kd tiles of its natural layout, then cuBLAS.
-UNPACK_AND_CUBLAS = KernelConfig(0, 32, 128, 0, 1, 4, 1, "unpack")
-# From M = 65 the MMA kernel needs a second 64-row tile and unpack + cuBLAS is faster on every Qwen3-8B
-# shape (docs/measurements/crossover_h200.json: at M = 128, 219 vs 330 us on qkv, 785 vs 1208 on gate_up).
-PREFILL_MIN_M = 65
+# Prefill: the dense region straight to cuBLAS, the 2:4 region expanded in block_n x block_g tiles, then cuBLAS.
+UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
+# Since the dense region goes to cuBLAS as stored and only the 2:4 region is expanded, that path beats the
+# fused MMA kernel from M = 8 on every Qwen3-8B shape (docs/measurements/crossover_h100.json: at M = 8,
+# 67.9 vs 86.7 us on qkv, 218.8 vs 292.1 on gate_up); the gemv kernel keeps M <= 4.
 GEMV_MAX_M = 4
+PREFILL_MIN_M = GEMV_MAX_M + 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -280,15 +282,19 @@ def _num_sms(device_index: int) -> int:
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Kernel and tiles by M. M <= 4: the CUDA-core gemv kernel, split-K to about 6 programs per SM;
-    M <= 64: the MMA kernel, 16-64-row tiles, split-K until about 4 programs per SM per 4096 channels of K
-    (the decode sweeps in docs/KERNELS.md); M >= 65: unpack + cuBLAS."""
+    """Kernel and tiles by M. M <= 4: the CUDA-core gemv kernel, split-K to about 6 programs per SM (tiles
+    from the decode sweep, docs/measurements/sweep_decode_h200_v4.json); M >= 5: cuBLAS + 2:4 expansion."""
     if m >= PREFILL_MIN_M:
         return UNPACK_AND_CUBLAS
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
-    if m <= GEMV_MAX_M:  # tiles from the decode sweep (docs/measurements/sweep_decode_h200_v4.json)
-        split_k = max(1, min(8, (6 * sms) // triton.cdiv(n, 32), k // 256))
-        return KernelConfig(triton.next_power_of_2(m), 32, 64, 32, split_k, num_warps=4, num_stages=3, kernel="gemv")
+    split_k = max(1, min(8, (6 * sms) // triton.cdiv(n, 32), k // 256))
+    return KernelConfig(triton.next_power_of_2(m), 32, 64, 32, split_k, num_warps=4, num_stages=3, kernel="gemv")
+
+
+def mma_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
+    """Tiles for the fused MMA kernel (16-64-row tiles, split-K until about 4 programs per SM per 4096
+    channels of K, from the decode sweeps): what benchmarks compare the default paths against."""
+    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 32 if m <= 32 else 64
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
@@ -323,19 +329,14 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
         raise ValueError(f"spense_gemm: bias must be [{weight.n}] on {x.device}, found {list(bias.shape)}")
 
 
-def unpack_weight(weight: SpenseGemmWeight, block_n: int = 32, block_k: int = 128) -> torch.Tensor:
-    """W [N, K] rebuilt by the unpack kernel; a temporary, never kept."""
-    out = torch.empty(weight.n, weight.k, device=weight.dense_weight.device, dtype=weight.dense_weight.dtype)
-    dense_groups = weight.dense_channels[::GROUP_SIZE] // GROUP_SIZE
-    sparse_groups = weight.sparse_channels[::GROUP_SIZE] // GROUP_SIZE
-    group_src = torch.empty(weight.k // GROUP_SIZE, dtype=torch.int32, device=out.device)
-    group_src[dense_groups] = torch.arange(0, weight.dense_channels.numel(), GROUP_SIZE, dtype=torch.int32,
-                                           device=out.device)
-    group_src[sparse_groups] = -1 - torch.arange(sparse_groups.numel(), dtype=torch.int32, device=out.device)
-    _spense_unpack_kernel[(triton.cdiv(weight.n, block_n), triton.cdiv(weight.k, block_k))](
-        weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, group_src, out, weight.n, weight.k,
-        weight.dense_weight.stride(0), weight.sparse_pairs.stride(0), weight.sparse_meta.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k)
+def expand_2_4(weight: SpenseGemmWeight, block_n: int = 32, block_g: int = 64) -> torch.Tensor:
+    """The 2:4 region as a dense ``[N, 4 * GS]`` temporary (permuted channel order), never kept."""
+    gs = weight.sparse_channels.numel() // GROUP_SIZE
+    out = torch.empty(weight.n, 4 * gs, device=weight.sparse_weight.device, dtype=weight.sparse_weight.dtype)
+    _spense_expand_kernel[(triton.cdiv(weight.n, block_n), triton.cdiv(gs, block_g))](
+        weight.sparse_pairs, weight.sparse_meta, out, weight.n, gs,
+        weight.sparse_pairs.stride(0), weight.sparse_meta.stride(0), out.stride(0),
+        BLOCK_N=block_n, BLOCK_G=block_g)
     return out
 
 
@@ -350,10 +351,11 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     result = out if out is not None else torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return result
-    if config.kernel == "unpack":  # prefill: W is rebuilt into a temporary and cuBLAS does the GEMM
-        w = unpack_weight(weight, config.block_n, config.block_kd)
-        return result.copy_(torch.nn.functional.linear(x, w, bias))
     x_perm = x.index_select(1, weight.channel_perm)  # dense channels first, then the 2:4 channels
+    if config.kernel == "unpack":  # prefill: cuBLAS on the dense region as stored, then on the expanded 2:4 one
+        kd = weight.dense_channels.numel()
+        y = torch.nn.functional.linear(x_perm[:, :kd], weight.dense_weight, bias)
+        return result.copy_(torch.addmm(y, x_perm[:, kd:], expand_2_4(weight, config.block_n, config.block_g).t()))
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
     args = (x_perm, weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, bias if bias is not None else x,

@@ -14,7 +14,7 @@ import torch
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import pack
 from vllm_spense.kernels.spense_gemm import (UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight, choose_config,
-                                             spense_gemm)
+                                             expand_2_4, mma_config, spense_gemm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
@@ -57,12 +57,21 @@ def test_gemm_matches_fp64(dtype, shape, m, path):
     assert error < (2e-3 if dtype == torch.float16 else 1e-5), f"relative error {error:.2e}"
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_expanded_2_4_region_is_the_weight_at_its_2_4_channels(shape, generator):
+    """The prefill path's temporary, against the weight it was packed from (exact: values are only moved)."""
+    weight, gemm_weight = make_weight(shape, torch.float16, generator)
+    expanded = expand_2_4(gemm_weight, block_n=16, block_g=8)  # ragged against N and the group count
+    assert torch.equal(expanded.cpu(), weight[:, gemm_weight.sparse_channels.long().cpu()])
+
+
 def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     assert choose_config(1, 4096, 4096, torch.device("cpu")).kernel == "gemv"
     assert choose_config(3, 4096, 4096, torch.device("cpu")).block_m == 4
-    assert choose_config(16, 4096, 4096, torch.device("cpu")).kernel == "mma"
-    assert choose_config(64, 4096, 4096, torch.device("cpu")).kernel == "mma"
-    assert choose_config(65, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
+    assert choose_config(4, 4096, 4096, torch.device("cpu")).kernel == "gemv"
+    assert choose_config(5, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
+    assert choose_config(16, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
+    assert mma_config(16, 4096, 4096, torch.device("cpu")).kernel == "mma"
     assert choose_config(4096, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
 
 
