@@ -86,6 +86,14 @@ class DenseLinear(torch.nn.Module):
         return F.linear(x, self.weight)
 
 
+def magnitude_spense(weight: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pruned weight, dense mask): the input groups of largest magnitude kept dense, balanced per chunk,
+    magnitude 2:4 elsewhere. One mask for a merged weight, as vLLM's qkv / gate_up need."""
+    score = weight.abs().float().sum(0).reshape(-1, GROUP_SIZE).sum(-1)  # magnitude of each input group
+    mask = balanced_top_groups(score, CHUNK_SIZE, dense_groups_per_chunk(rho, CHUNK_SIZE))
+    return magnitude_2_4(weight, mask), mask
+
+
 class SpenseLinear(torch.nn.Module):
     """A Linear as the vLLM plugin leaves it: the four packed tensors plus ``channel_perm``.
 
@@ -96,9 +104,8 @@ class SpenseLinear(torch.nn.Module):
 
     def __init__(self, weight: torch.Tensor, rho: float, parts: list[tuple[str, int]]):
         super().__init__()
-        score = weight.abs().float().sum(0).reshape(-1, GROUP_SIZE).sum(-1)  # magnitude of each input group
-        mask = balanced_top_groups(score, CHUNK_SIZE, dense_groups_per_chunk(rho, CHUNK_SIZE))
-        packed = pack(magnitude_2_4(weight, mask), mask, CHUNK_SIZE, parts[0][0])
+        pruned, mask = magnitude_spense(weight, rho)
+        packed = pack(pruned, mask, CHUNK_SIZE, parts[0][0])
         for tensor in LAYER_TENSORS:
             self.register_parameter(tensor.value, torch.nn.Parameter(getattr(packed, tensor.value),
                                                                      requires_grad=False))

@@ -9,7 +9,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vllm_spense.format import (GROUP_SIZE, LAYER_TENSORS, PackedSpenseWeight, SpenseFormatError, SpenseQuantConfig,
+from vllm_spense.format import (LAYER_TENSORS, PackedSpenseWeight, SpenseFormatError, SpenseQuantConfig,
                                 SpenseTensor, check_layout, unpack, validate)
 
 
@@ -128,15 +128,6 @@ def spense_layers(tensors: Mapping[str, object]) -> list[str]:
     return sorted(layers)
 
 
-def unpack_layer(tensors: dict[str, torch.Tensor], layer: str, quant: SpenseQuantConfig,
-                 expected_shape: tuple[int, int] | None = None) -> torch.Tensor:
-    if f"{layer}.weight" in tensors:
-        raise SpenseFormatError(f"layer {layer}: stores both a dense {layer}.weight and Spense tensors")
-    packed = PackedSpenseWeight.from_tensors(layer, tensors)
-    validate(packed, quant.chunk_size, layer, expected_shape)
-    return unpack(packed)
-
-
 def dense_state_dict(folder: str | pathlib.Path) -> tuple[dict, SpenseQuantConfig, dict[str, torch.Tensor]]:
     """(config, quant config, state dict with every Spense layer rebuilt as ``<layer>.weight``)."""
     config, quant = read_config(folder)
@@ -149,10 +140,12 @@ def dense_state_dict(folder: str | pathlib.Path) -> tuple[dict, SpenseQuantConfi
                                 f"{SpenseTensor.DENSE_MASK.value} and the other Spense tensors")
     state = {key: value for key, value in tensors.items()
              if not any(key == t.key(layer) for layer in layers for t in LAYER_TENSORS)}
+    dense_per_chunk = {}
     for layer in layers:
-        state[f"{layer}.weight"] = unpack_layer(tensors, layer, quant)
-    chunks = {layer: tensors[SpenseTensor.DENSE_MASK.key(layer)].numel() * GROUP_SIZE // quant.chunk_size
-              for layer in layers}
-    check_dense_fractions(quant, {layer: int(tensors[SpenseTensor.DENSE_MASK.key(layer)].sum()) // chunks[layer]
-                                  for layer in layers})
+        if f"{layer}.weight" in tensors:
+            raise SpenseFormatError(f"layer {layer}: stores both a dense {layer}.weight and Spense tensors")
+        packed = PackedSpenseWeight.from_tensors(layer, tensors)
+        dense_per_chunk[layer] = validate(packed, quant.chunk_size, layer)
+        state[f"{layer}.weight"] = unpack(packed)
+    check_dense_fractions(quant, dense_per_chunk)
     return config, quant, state

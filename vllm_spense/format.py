@@ -332,8 +332,9 @@ def check_layout(layouts: Mapping[SpenseTensor, tuple[Sequence[int], torch.dtype
 
 
 def validate(packed: PackedSpenseWeight, chunk_size: int, layer: str,
-             expected_shape: tuple[int, int] | None = None) -> None:
-    """Reject any inconsistency in one layer's tensors, naming the layer, tensor, expected and found."""
+             expected_shape: tuple[int, int] | None = None) -> int:
+    """Reject any inconsistency in one layer's tensors, naming the layer, tensor, expected and found;
+    return its dense groups per chunk."""
     for tensor in LAYER_TENSORS:
         value = getattr(packed, tensor.value)
         if not isinstance(value, torch.Tensor):
@@ -351,6 +352,7 @@ def validate(packed: PackedSpenseWeight, chunk_size: int, layer: str,
         _fail(layer, SpenseTensor.SPARSE_META,
               f"{int(bad.sum())} invalid index pairs (first must be < second, both in 0..3), e.g. row {row} "
               f"group {group}: {kept[row, group].tolist()}")
+    return dense_per_chunk
 
 
 def layer_names(keys: Iterable[str]) -> list[str]:

@@ -20,12 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # benchmarks/: bench_decode
-from bench_decode import CHUNK_SIZE, QWEN3_8B, layer_weights  # noqa: E402
+from bench_decode import CHUNK_SIZE, QWEN3_8B, layer_weights, magnitude_spense  # noqa: E402
 
-from vllm_spense.format import (GROUP_SIZE, SpenseQuantConfig, dense_groups_per_chunk,  # noqa: E402
-                                pack)
-from vllm_spense.offline.selection import balanced_top_groups  # noqa: E402
-from vllm_spense.offline.sparsegpt import magnitude_2_4  # noqa: E402
+from vllm_spense.format import SpenseQuantConfig, pack  # noqa: E402
 
 RHO = 0.25
 
@@ -42,9 +39,7 @@ def hf_config(cfg) -> dict:
 
 def spense_tensors(prefix: str, weight: torch.Tensor, parts: list[tuple[str, int]]) -> dict[str, torch.Tensor]:
     """One merged weight pruned with one shared mask, split back into its checkpoint layers."""
-    score = weight.abs().float().sum(0).reshape(-1, GROUP_SIZE).sum(-1)
-    mask = balanced_top_groups(score, CHUNK_SIZE, dense_groups_per_chunk(RHO, CHUNK_SIZE))
-    pruned = magnitude_2_4(weight, mask)
+    pruned, mask = magnitude_spense(weight, RHO)
     tensors, start = {}, 0
     for name, rows in parts:
         layer = f"{prefix}.{name}"
