@@ -49,7 +49,7 @@ from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 CHUNK_SIZE = 128
 VARIANTS = {"dense": None, "rho=0": 0.0, "rho=0.125": 0.125, "rho=0.25": 0.25}
-CHECK_BATCHES = (2, 16)  # the gemv (M <= 4) and the MMA decode kernels
+CHECK_BATCHES = (2, 16)  # the MMA decode kernel (batch 1, the gemv kernel: benchmarks/check_kernels_gpu.py)
 # Each Linear against F.linear on the unpacked weight, same input: both accumulate in fp32 and round once.
 LINEAR_TOLERANCE = 2e-2
 # Logits after all layers: two correct bf16 runs of a 36-layer random model differ by about 1% already (a

@@ -61,38 +61,54 @@ def rotating_weights(name: str, rho: float):
     return k, [spense_weight_for(base, rho) for _ in range(copies)], [base.clone() for _ in range(copies)]
 
 
-def sweep_decode(path: str | None) -> None:
-    """Time decode tile configs on the Qwen3-8B shapes at rho = 0.25 (what choose_config and mma_config
-    encode): the CUDA-core gemv kernel at M = 1 and 4, the MMA kernel at M = 8 and 16."""
+def decode_configs(m: int):
+    """CUDA-core gemv tile configs worth timing at M = 1 (x read through channel_perm in the kernel):
+    rows per program, dense columns / 2:4 groups per step, warps."""
     from vllm_spense.kernels.spense_gemm import KernelConfig
 
-    gemv = [KernelConfig(0, block_n, kd, g, split_k, warps, 3, "gemv")
-            for block_n, (kd, g), split_k, warps in itertools.product(
-                (32, 64, 128), ((64, 32), (128, 64), (64, 16)), (1, 2, 4, 8), (4, 8))]
-    mma = [KernelConfig(16, block_n, kd, g, split_k, 4, stages)
-           for block_n, (kd, g), split_k, stages in itertools.product((32, 64), ((128, 32), (64, 16)), (1, 2, 4, 8),
-                                                                     (3, 5))]
+    return [KernelConfig(m, block_n, kd, g, 1, warps, 3, "gemv", gather_x=True)
+            for block_n, (kd, g), warps in itertools.product(
+                (4, 8, 16), ((256, 128), (256, 256), (512, 256), (512, 512), (1024, 512)), (4, 8))]
+
+
+def sweep_decode(path: str | None) -> None:
+    """Time gemv tile configs on the Qwen3-8B shapes at rho = 0.25 and M = 1 against cuBLAS and the default
+    path (what choose_config encodes); batched decode is ``crossover``'s."""
+    from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, choose_config
+
+    try:
+        # An earlier kernel to compare with, when copied beside this file, e.g.
+        # git show 25dd06a:kernels/spense_gemm.py > benchmarks/_old_spense_gemm.py
+        import _old_spense_gemm as old
+    except ImportError:
+        old = None
     results = []
     for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
         k, ws, dense_ws = rotating_weights(name, 0.25)
         copies = len(ws)
-        for m in (1, 4, 8, 16):
+        for m in (1,):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-            cublas_us = timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3
-            timings = {}
-            for config in (gemv if m <= 4 else mma):
-                if config.kernel == "gemv":
-                    config = dataclasses.replace(config, block_m=triton.next_power_of_2(m))
-                    if config.block_m * config.block_n * max(config.block_kd, config.block_g) > 64 * 32 * config.num_warps:
-                        continue  # the fp32 partial-product tile would not fit in registers
+            row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
+                   "default": str(choose_config(m, SHAPES[name][0], k, torch.device("cuda"))),
+                   "default_us": timed(lambda w, x: spense_gemm(x, w), ws, xs) * 1e3}
+            if old is not None and m <= 4:
+                row["old_gemv_us"] = timed(lambda w, x: old.spense_gemm(x, w), ws, xs) * 1e3
+            timings, configs = {}, {str(config): config for config in decode_configs(m)}
+            for config in configs.values():
                 try:
                     timings[str(config)] = timed(lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
                 except Exception as error:  # noqa: BLE001 - a config that does not compile is skipped
                     print(name, m, config, error)
             best = min(timings, key=timings.get)
-            results.append({"shape": name, "m": m, "cublas_us": cublas_us, "best": best, "best_us": timings[best],
-                            "timings_us": timings})
-            print(f"sweep {name} m={m}: cuBLAS {cublas_us:.1f} us, best {timings[best]:.1f} us {best}", flush=True)
+            expected = spense_gemm(xs[0], ws[0], config=UNPACK_AND_CUBLAS).float()  # checked path as reference
+            got = spense_gemm(xs[0], ws[0], config=configs[best]).float()
+            row.update(best=best, best_us=timings[best], timings_us=timings,
+                       best_rel_error=((got - expected).norm() / expected.norm()).item())
+            results.append(row)
+            print(f"sweep {name} m={m}: cuBLAS {row['cublas_us']:.1f} us, default {row['default_us']:.1f} us, "
+                  f"old gemv {row.get('old_gemv_us', float('nan')):.1f} us, best {timings[best]:.1f} us {best} "
+                  f"(error {row['best_rel_error']:.1e})",
+                  flush=True)
         del ws, dense_ws
         torch.cuda.empty_cache()
     if path:
@@ -101,22 +117,30 @@ def sweep_decode(path: str | None) -> None:
 
 
 def crossover(path: str) -> None:
-    """The fused MMA kernel against the cuBLAS + 2:4 expansion path for mid-size M on the Qwen3-8B shapes
-    at rho = 0.25: where ``PREFILL_MIN_M`` should sit."""
-    from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, mma_config
+    """The default path against the fused MMA kernel with 16-, 32- and 64-row tiles and the cuBLAS + 2:4
+    expansion path, M = 1 to 128, Qwen3-8B shapes, rho = 0.25: where ``MMA_MAX_M`` should sit. Also the
+    MMA kernel without the row padding of x (``PAD_X_ROWS``), at M = 8 and 24."""
+    from vllm_spense.kernels import spense_gemm as module
 
+    mma = {f"mma {block_m}": dataclasses.replace(module.BATCHED_DECODE_MMA, block_m=block_m) for block_m in (16, 32)}
     results = []
     for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
         k, ws, dense_ws = rotating_weights(name, 0.25)
-        for m in (8, 16, 32, 64, 128, 192, 255):
+        for m in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(len(ws))]
-            mma = mma_config(m, SHAPES[name][0], k, torch.device("cuda"))
             row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
-                   "mma_us": timed(lambda w, x: spense_gemm(x, w, config=mma), ws, xs) * 1e3,
-                   "unpack_us": timed(lambda w, x: spense_gemm(x, w, config=UNPACK_AND_CUBLAS), ws, xs) * 1e3}
+                   "default_us": timed(lambda w, x: spense_gemm(x, w), ws, xs) * 1e3,
+                   "unpack_us": timed(lambda w, x: spense_gemm(x, w, config=module.UNPACK_AND_CUBLAS), ws, xs) * 1e3}
+            if m > 1:
+                for label, config in mma.items():
+                    row[f"{label}_us"] = timed(lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
+            if m in (8, 24):
+                module.PAD_X_ROWS = False
+                row["default unpadded_us"] = timed(lambda w, x: spense_gemm(x, w), ws, xs) * 1e3
+                module.PAD_X_ROWS = True
             results.append(row)
-            print(f"crossover {name} m={m}: cuBLAS {row['cublas_us']:.1f} us, mma {row['mma_us']:.1f} us, "
-                  f"unpack+cuBLAS {row['unpack_us']:.1f} us", flush=True)
+            print(f"crossover {name} m={m}: " + ", ".join(f"{key[:-3]} {value:.1f}" for key, value in row.items()
+                                                          if key.endswith("_us")), flush=True)
         del ws, dense_ws
         torch.cuda.empty_cache()
     with open(path, "w") as handle:

@@ -43,7 +43,8 @@ def main(quick: bool = False) -> int:
     failures, worst = 0, {}
     forced = {"split-k": KernelConfig(16, 64, 128, 32, 4, 4, 4), "no-split": KernelConfig(16, 64, 128, 32, 1, 4, 4)}
     forced_gemv = {"gemv split-k": KernelConfig(4, 32, 64, 32, 4, 4, 3, "gemv"),
-                   "gemv no-split": KernelConfig(4, 64, 64, 16, 1, 4, 3, "gemv")}
+                   "gemv no-split": KernelConfig(4, 64, 64, 16, 1, 4, 3, "gemv"),
+                   "gemv gather": KernelConfig(4, 8, 128, 64, 2, 4, 3, "gemv", gather_x=True)}
     for dtype in (torch.bfloat16, torch.float16):
         for n, k, dense in shapes:
             weight, gemm = random_case(n, k, dense, dtype)
@@ -59,7 +60,8 @@ def main(quick: bool = False) -> int:
                     ref = x.double() @ ref_w.t() + bias.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     used = config or choose_config(m, n, k, x.device)
-                    key = f"{str(dtype)[6:]} {used.kernel} block_m={used.block_m} split_k>1={used.split_k > 1}"
+                    key = (f"{str(dtype)[6:]} {used.kernel} block_m={used.block_m} split_k>1={used.split_k > 1}"
+                           f"{' gather' if used.gather_x else ''}")
                     worst[key] = max(worst.get(key, 0.0), err)
                     if not (err < TOLERANCE[dtype]) or not torch.isfinite(out).all():
                         failures += 1

@@ -20,7 +20,7 @@ for step in $steps; do
               "$sanitizer" --tool memcheck --leak-check no python3 "$src/benchmarks/check_kernels_gpu.py" --quick 2>&1 \
                 | tail -n 60 | tee "$out/memcheck.txt"; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     report) python3 "$src/benchmarks/kernel_report.py" 2>&1 | tee "$out/kernel_report.txt" || status=1 ;;
-    sweep) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep.json" --shapes 2>&1 | grep sweep || status=1 ;;
+    sweep) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep.json" --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
     gemm)  python3 "$src/benchmarks/bench_gemm.py" --json "$out/bench_gemm.json" 2>&1 | tail -n 200 > "$out/bench_gemm.log" || status=1 ;;
     prune) python3 "$src/benchmarks/bench_prune.py" --json "$out/bench_prune.json" 2>&1 | grep -v "pruning:" | tee "$out/bench_prune.log" || status=1 ;;
     crossover) python3 "$src/benchmarks/bench_gemm.py" --crossover "$out/crossover.json" 2>&1 | grep crossover || status=1 ;;

@@ -5,35 +5,35 @@ Shapes (docs/FORMAT.md): ``x [M, K]`` fp16/bf16/fp32; ``dense_weight [N, KD]`` (
 (``SpenseGemmWeight``): ``dense_channels [KD]`` / ``sparse_channels [4 * GS]`` int32, the input channel of
 every dense column and of every position of every 2:4 group, and ``channel_perm = cat(dense, sparse)``.
 
-Two paths are chosen by M in ``choose_config`` (inside ``spense_gemm``, which the vLLM custom op calls);
-a third kernel runs only when a config asks for it.
+Three paths, chosen by M in ``choose_config`` (inside ``spense_gemm``, which the vLLM custom op calls):
 
-Decode, M <= ``GEMV_MAX_M`` (``_spense_gemv_kernel``): CUDA-core FMAs over the same permuted activations;
-the activation under each kept 2:4 value is picked from its group's four with two selects. No MMA, so no
-register-layout conversion of the expanded tile.
+M = 1 (``_spense_gemv_kernel``, ``DECODE_GEMV``): CUDA-core FMAs, 8 rows of W per program, no split-K.
+``x`` is read through ``channel_perm`` inside the kernel (a 2:4 group is four consecutive input channels, so
+one index per group), which saves the separate permutation launch. The 2:4 region is read one 8-byte word
+of values and one metadata byte per *pair* of groups, and the activation under each kept value is picked
+from its group's four with two selects.
 
-Fused MMA (``_spense_gemm_kernel``, explicit configs only: since the prefill path stopped rebuilding the
-dense region it is faster from M = 8, docs/KERNELS.md): ``x`` is permuted once (``x[:, channel_perm]``, M*K
-elements, a few microseconds) so both regions read contiguous activation columns. One program owns a
-``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region in ``BLOCK_KD``
-steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding the packed values and 4-bit
-indices in registers into a ``BLOCK_N x 4*BLOCK_G`` tile with zeros at the pruned positions for the same
-MMA. W is never decompressed in memory. With ``SPLIT_K > 1`` (few output tiles, long K) programs split
+M = 2 .. ``MMA_MAX_M`` (``_spense_gemm_kernel``, ``BATCHED_DECODE_MMA``): ``x`` is permuted once into a copy
+padded to whole 16-row tiles (dense channels, then 2:4 channels, so both regions read contiguous columns).
+One program owns a ``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region
+in ``BLOCK_KD`` steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding each step's
+packed values and 4-bit indices in registers into one ``BLOCK_N x 4*BLOCK_G`` tile with zeros at the
+pruned positions (``_expand_pairs``) for one MMA. W is never decompressed in memory. The M tiles of an N
+tile are neighbours in the grid, so they share its weights through L2. With ``SPLIT_K > 1`` programs split
 both walks and add partial sums into an fp32 buffer with atomics.
 
-From M = ``PREFILL_MIN_M`` = 5 (batched decode and prefill): cuBLAS multiplies the permuted activations'
-dense columns by ``dense_weight`` as stored, then ``_spense_expand_kernel`` writes the 2:4 region as a
-dense ``[N, 4 * GS]`` temporary (contiguous reads and writes) and a second cuBLAS call adds its product.
+M > ``MMA_MAX_M`` (batched decode and prefill): cuBLAS multiplies the permuted activations' dense columns
+by ``dense_weight`` as stored, then ``_spense_expand_kernel`` writes the 2:4 region as a dense
+``[N, 4 * GS]`` temporary (contiguous reads and writes) and a second cuBLAS call adds its product.
 
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
 bound by the weight bytes read (0.67x dense at rho = 0.25), which is where a speedup has to come from.
-Measured status against cuBLAS (far from that floor today): docs/KERNELS.md.
+Measured status against cuBLAS and that floor: docs/KERNELS.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import triton
@@ -88,9 +88,10 @@ def _spense_gemm_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
+    PADDED_M: tl.constexpr = False,
 ):
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)  # the M tiles of one N tile run side by side and share its weights through L2
+    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -104,7 +105,7 @@ def _spense_gemm_kernel(
         kk = k0 + offs_kd
         mask_k = kk < KD
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                    mask=(mask_m[:, None] | PADDED_M) & mask_k[None, :], other=0.0)
         w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         if FP32_DOT:
@@ -112,24 +113,120 @@ def _spense_gemm_kernel(
         else:
             acc = tl.dot(x, tl.trans(w), acc)
 
-    # 2:4 region, BLOCK_G groups per step. Position p of every group is one [BLOCK_N, BLOCK_G] weight tile
-    # (the kept value landing at p, else 0) against activation columns 4g + p: four MMAs, no reshapes.
-    offs_g = tl.arange(0, BLOCK_G)
-    for g0 in range(pid_k * BLOCK_G, GS, SPLIT_K * BLOCK_G):
-        gg = g0 + offs_g
-        mask_g = gg < GS
-        first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask_n[:, None] & mask_g[None, :],
-                                               stride_swn, stride_metan, dense_w_ptr.dtype.element_ty)
-        for p in tl.static_range(4):
-            w = tl.where(i0 == p, first, tl.where(i1 == p, second, tl.zeros_like(first)))
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + KD + (4 * gg + p)[None, :],
-                        mask=mask_m[:, None] & mask_g[None, :], other=0.0)
-            if FP32_DOT:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w), acc)
+    # 2:4 region, BLOCK_G groups (BLOCK_G / 2 pairs) per step, expanded in registers into one zero-filled
+    # [BLOCK_N, 4 * BLOCK_G] tile (``_expand_pairs``) against 4 * BLOCK_G contiguous activation columns.
+    BLOCK_P: tl.constexpr = BLOCK_G // 2
+    GP = GS // 2
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_c = tl.arange(0, 4 * BLOCK_G)
+    for p0 in range(pid_k * BLOCK_P, GP, SPLIT_K * BLOCK_P):
+        pp = p0 + offs_p
+        w = _expand_pairs(*_load_2_4_pairs(sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & (pp < GP)[None, :],
+                                           stride_swn, stride_metan, dense_w_ptr.dtype.element_ty))
+        cols = KD + 8 * p0 + offs_c
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                    mask=(mask_m[:, None] | PADDED_M) & (cols < KD + 4 * GS)[None, :], other=0.0)
+        if FP32_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
 
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _load_2_4_pairs(pairs_ptr, meta_ptr, offs_n, pp, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr):
+    """Kept values and positions of a [BLOCK_N, BLOCK_P] tile of 2:4 group *pairs* (groups 2p and 2p+1).
+
+    A pair's four values are one 8-byte word for 16-bit values (two for fp32) and its two index nibbles
+    one metadata byte, so every load is contiguous along the row and nothing is read twice. Returns the
+    first and second kept values and the two positions of group 2p, then of group 2p + 1.
+    """
+    byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + pp[None, :], mask=mask, other=0x44).to(tl.int32)
+    if VALUE_DTYPE == tl.float32:  # one int64 word per group
+        lo = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + 2 * pp[None, :], mask=mask, other=0)
+        hi = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + 2 * pp[None, :] + 1, mask=mask, other=0)
+        a0 = lo.to(tl.int32).to(tl.float32, bitcast=True)
+        a1 = (lo >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        b0 = hi.to(tl.int32).to(tl.float32, bitcast=True)
+        b1 = (hi >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    else:  # one int64 word per pair: values of group 2p in bits 0-31, of group 2p + 1 in bits 32-63
+        word = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + pp[None, :], mask=mask, other=0)
+        a0 = word.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        a1 = (word >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        b0 = (word >> 32).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        b1 = (word >> 48).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+    return a0, a1, byte & 0x3, (byte >> 2) & 0x3, b0, b1, (byte >> 4) & 0x3, (byte >> 6) & 0x3
+
+
+@triton.jit
+def _pick_2_4(x_ptrs, x_mask, first, second, i0, i1):
+    """first * x[i0] + second * x[i1] for one group per column: x_ptrs point at each group's position 0.
+    The first index is 0..2 and the second 1..3, so each activation is picked with two selects."""
+    x0 = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+    x1 = tl.load(x_ptrs + 1, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+    x2 = tl.load(x_ptrs + 2, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+    x3 = tl.load(x_ptrs + 3, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
+    i0 = i0[None, :, :]
+    i1 = i1[None, :, :]
+    x_first = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
+    x_second = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
+    return first.to(tl.float32)[None, :, :] * x_first + second.to(tl.float32)[None, :, :] * x_second
+
+
+@triton.jit
+def _expand_group(first, second, i0, i1):
+    """The four positions of one 2:4 group per element (the first index is 0..2, the second 1..3)."""
+    zero = tl.zeros_like(first)
+    return (tl.where(i0 == 0, first, zero), tl.where(i0 == 1, first, tl.where(i1 == 1, second, zero)),
+            tl.where(i0 == 2, first, tl.where(i1 == 2, second, zero)), tl.where(i1 == 3, second, zero))
+
+
+@triton.jit
+def _expand_pairs(a0, a1, ai0, ai1, b0, b1, bi0, bi1):
+    """A [BLOCK_N, BLOCK_P] tile of group pairs as the dense [BLOCK_N, 8 * BLOCK_P] tile, zeros at the pruned
+    positions: column 8p + q holds position q of pair p (groups 2p, then 2p + 1)."""
+    w0, w1, w2, w3 = _expand_group(a0, a1, ai0, ai1)
+    w4, w5, w6, w7 = _expand_group(b0, b1, bi0, bi1)
+    # join(join(join(w0, w4), join(w2, w6)), join(join(w1, w5), join(w3, w7)))[n, p, i, j, l] is position
+    # 4i + 2j + l, so the row-major reshape puts the eight positions of each pair in order.
+    tile = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
+    return tl.reshape(tile, (w0.shape[0], 8 * w0.shape[1]))
+
+
+@triton.jit
+def _gemv_dense_step(acc_d, k0, x_ptr, dense_w_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n, KD, stride_xm,
+                     stride_dwn, BLOCK_KD: tl.constexpr, GATHER_X: tl.constexpr):
+    """Dense columns [k0, k0 + BLOCK_KD) of every row: FMAs into the [BLOCK_M, BLOCK_N, BLOCK_KD] tile."""
+    kk = k0 + tl.arange(0, BLOCK_KD)
+    mask_k = kk < KD
+    w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :],
+                mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    cols = tl.load(perm_ptr + kk, mask=mask_k, other=0) if GATHER_X else kk
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    return acc_d + x[:, None, :] * w[None, :, :]
+
+
+@triton.jit
+def _gemv_sparse_step(acc_s, p0, x_ptr, sparse_w_ptr, meta_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n, KD, GP,
+                      stride_xm, stride_swn, stride_metan, VALUE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
+                      GATHER_X: tl.constexpr):
+    """2:4 group pairs [p0, p0 + BLOCK_P) of every row into the [BLOCK_M, BLOCK_N, BLOCK_P] tile."""
+    pp = p0 + tl.arange(0, BLOCK_P)
+    mask_p = pp < GP
+    a0, a1, ai0, ai1, b0, b1, bi0, bi1 = _load_2_4_pairs(
+        sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & mask_p[None, :], stride_swn, stride_metan, VALUE_DTYPE)
+    x_mask = mask_m[:, None] & mask_p[None, :]
+    if GATHER_X:  # a 2:4 group is four consecutive input channels: one index per group
+        col_a = tl.load(perm_ptr + KD + 8 * pp, mask=mask_p, other=0)
+        col_b = tl.load(perm_ptr + KD + 8 * pp + 4, mask=mask_p, other=0)
+    else:
+        col_a = KD + 8 * pp
+        col_b = col_a + 4
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    return acc_s + (_pick_2_4(x_rows + col_a[None, :], x_mask, a0, a1, ai0, ai1)
+                    + _pick_2_4(x_rows + col_b[None, :], x_mask, b0, b1, bi0, bi1))
 
 
 @triton.jit
@@ -139,12 +236,15 @@ def _spense_gemv_kernel(
     stride_xm, stride_dwn, stride_swn, stride_metan, stride_om,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
+    perm_ptr=None, GATHER_X: tl.constexpr = False,
 ):
     """Decode (M <= BLOCK_M, a few rows): CUDA-core FMAs, no MMA and so no register-layout conversions.
 
-    All M rows live in one program; partial products stay in a [BLOCK_M, BLOCK_N, columns] fp32 tile that
-    is reduced once at the end. For a 2:4 group the activation under each kept value is picked from the
-    group's four activations with two selects (first index is 0..2, second 1..3).
+    All M rows live in one program; partial products stay in [BLOCK_M, BLOCK_N, columns] fp32 tiles that
+    are reduced once at the end. The 2:4 region is walked in pairs of groups (``_load_2_4_pairs``):
+    ``sparse_w_ptr`` is the int64 view of ``sparse_weight`` (one word per pair, or per group for fp32).
+    With ``GATHER_X`` the kernel reads ``x`` in its own channel order through ``perm_ptr`` (channel_perm)
+    instead of a permuted copy.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -152,39 +252,18 @@ def _spense_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-
-    offs_kd = tl.arange(0, BLOCK_KD)
+    BLOCK_P: tl.constexpr = BLOCK_G // 2
+    GP = GS // 2
+    value_dtype = dense_w_ptr.dtype.element_ty
     acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KD), dtype=tl.float32)
     for k0 in range(pid_k * BLOCK_KD, KD, SPLIT_K * BLOCK_KD):
-        kk = k0 + offs_kd
-        mask_k = kk < KD
-        w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-        acc_d += x[:, None, :] * w[None, :, :]
-    acc = tl.sum(acc_d, axis=2)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    acc_s = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
-    for g0 in range(pid_k * BLOCK_G, GS, SPLIT_K * BLOCK_G):
-        gg = g0 + offs_g
-        mask_g = gg < GS
-        first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask_n[:, None] & mask_g[None, :],
-                                               stride_swn, stride_metan, dense_w_ptr.dtype.element_ty)
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + KD + 4 * gg[None, :]
-        x_mask = mask_m[:, None] & mask_g[None, :]
-        x0 = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-        x1 = tl.load(x_ptrs + 1, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-        x2 = tl.load(x_ptrs + 2, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-        x3 = tl.load(x_ptrs + 3, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-        i0 = i0[None, :, :]
-        i1 = i1[None, :, :]
-        x_first = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
-        x_second = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
-        acc_s += first.to(tl.float32)[None, :, :] * x_first + second.to(tl.float32)[None, :, :] * x_second
-    acc += tl.sum(acc_s, axis=2)
-
+        acc_d = _gemv_dense_step(acc_d, k0, x_ptr, dense_w_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n, KD,
+                                 stride_xm, stride_dwn, BLOCK_KD, GATHER_X)
+    acc_s = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_P), dtype=tl.float32)
+    for p0 in range(pid_k * BLOCK_P, GP, SPLIT_K * BLOCK_P):
+        acc_s = _gemv_sparse_step(acc_s, p0, x_ptr, sparse_w_ptr, meta_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n,
+                                  KD, GP, stride_xm, stride_swn, stride_metan, value_dtype, BLOCK_P, GATHER_X)
+    acc = tl.sum(acc_d, axis=2) + tl.sum(acc_s, axis=2)
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K)
 
 
@@ -205,11 +284,7 @@ def _spense_expand_kernel(
     mask_n = offs_n < N
     first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask_n[:, None] & (gg < GS)[None, :],
                                            stride_swn, stride_metan, out_ptr.dtype.element_ty)
-    zero = tl.zeros_like(first)
-    w0 = tl.where(i0 == 0, first, zero)  # the first index is 0..2, the second 1..3
-    w1 = tl.where(i0 == 1, first, tl.where(i1 == 1, second, zero))
-    w2 = tl.where(i0 == 2, first, tl.where(i1 == 2, second, zero))
-    w3 = tl.where(i1 == 3, second, zero)
+    w0, w1, w2, w3 = _expand_group(first, second, i0, i1)
     # join(join(w0, w2), join(w1, w3))[n, g, a, b] holds position 2a + b: reshaped, positions 0..3 in order.
     tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * BLOCK_G))
     cols = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
@@ -265,41 +340,29 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     kernel: str = "mma"  # "gemv" (CUDA-core FMAs, tiny M), "mma" (fused tl.dot) or "unpack" (+ cuBLAS)
+    gather_x: bool = False  # gemv only: read x through channel_perm in the kernel instead of a permuted copy
 
 
+# Decode, one row: the CUDA-core kernel, 8 rows x (512 dense columns, 256 2:4 groups) per step, x read
+# through channel_perm in the kernel (no permuted copy); the best tiles of docs/measurements/sweep_decode_h100.json.
+DECODE_GEMV = KernelConfig(1, 8, 512, 256, 1, 4, 3, "gemv", gather_x=True)
+# Batched decode: the fused MMA kernel with 16-row tiles of x; cuBLAS + 2:4 expansion wins from about 96 rows
+# (docs/measurements/crossover_h100.json).
+MMA_MAX_M = 64
+BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
+PAD_X_ROWS = True  # the MMA kernel reads x in whole, unmasked BLOCK_M-row tiles (see spense_gemm)
 # Prefill: the dense region straight to cuBLAS, the 2:4 region expanded in block_n x block_g tiles, then cuBLAS.
 UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
-# Since the dense region goes to cuBLAS as stored and only the 2:4 region is expanded, that path beats the
-# fused MMA kernel from M = 8 on every Qwen3-8B shape (docs/measurements/crossover_h100.json: at M = 8,
-# 67.9 vs 86.7 us on qkv, 218.8 vs 292.1 on gate_up); the gemv kernel keeps M <= 4.
-GEMV_MAX_M = 4
-PREFILL_MIN_M = GEMV_MAX_M + 1
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Kernel and tiles by M. M <= 4: the CUDA-core gemv kernel, split-K to about 6 programs per SM (tiles
-    from the decode sweep, docs/measurements/sweep_decode_h200_v4.json); M >= 5: cuBLAS + 2:4 expansion."""
-    if m >= PREFILL_MIN_M:
-        return UNPACK_AND_CUBLAS
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
-    split_k = max(1, min(8, (6 * sms) // triton.cdiv(n, 32), k // 256))
-    return KernelConfig(triton.next_power_of_2(m), 32, 64, 32, split_k, num_warps=4, num_stages=3, kernel="gemv")
-
-
-def mma_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Tiles for the fused MMA kernel (16-64-row tiles, split-K until about 4 programs per SM per 4096
-    channels of K, from the decode sweeps): what benchmarks compare the default paths against."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 1
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 32 if m <= 32 else 64
-    tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    split_k = max(1, min(8, (4 * sms * k) // (4096 * tiles), k // 512))
-    return KernelConfig(block_m, block_n, 128, 32, split_k, num_warps=4, num_stages=4)
+    """Kernel and tiles by M (N, K and the device do not change the choice today): the gemv kernel for one
+    row, the fused MMA kernel up to ``MMA_MAX_M`` rows, cuBLAS + 2:4 expansion beyond."""
+    if m == 1:
+        return DECODE_GEMV
+    if m <= MMA_MAX_M:
+        return BATCHED_DECODE_MMA
+    return UNPACK_AND_CUBLAS
 
 
 def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None) -> None:
@@ -351,28 +414,41 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     result = out if out is not None else torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return result
-    x_perm = x.index_select(1, weight.channel_perm)  # dense channels first, then the 2:4 channels
+    gather = config.kernel == "gemv" and config.gather_x
+    # The MMA kernel reads whole BLOCK_M-row tiles of x unmasked when the permuted copy is padded to them;
+    # the padding rows are never initialised and only reach output rows that are never stored.
+    rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and PAD_X_ROWS else m
+    padded = rows != m
+    if gather:
+        x_perm = x.contiguous()
+    else:  # dense channels first, then the 2:4 channels
+        x_perm = torch.empty(rows, weight.k, device=x.device, dtype=x.dtype)
+        torch.index_select(x, 1, weight.channel_perm, out=x_perm[:m])
+        if padded and x.device.type != "cuda":
+            x_perm[m:].zero_()  # Triton's CPU interpreter would warn about arithmetic on the garbage rows
     if config.kernel == "unpack":  # prefill: cuBLAS on the dense region as stored, then on the expanded 2:4 one
         kd = weight.dense_channels.numel()
         y = torch.nn.functional.linear(x_perm[:, :kd], weight.dense_weight, bias)
         return result.copy_(torch.addmm(y, x_perm[:, kd:], expand_2_4(weight, config.block_n, config.block_g).t()))
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
-    args = (x_perm, weight.dense_weight, weight.sparse_pairs, weight.sparse_meta, bias if bias is not None else x,
+    values = weight.sparse_weight.view(torch.int64)  # one word per group pair (per group for fp32)
+    args = (x_perm, weight.dense_weight, values, weight.sparse_meta, bias if bias is not None else x,
             acc, m, weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE,
-            x_perm.stride(0), weight.dense_weight.stride(0), weight.sparse_pairs.stride(0),
-            weight.sparse_meta.stride(0), acc.stride(0))
+            x_perm.stride(0), weight.dense_weight.stride(0), values.stride(0), weight.sparse_meta.stride(0),
+            acc.stride(0))
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
                  num_warps=config.num_warps, num_stages=config.num_stages)
     if config.kernel == "gemv":
         if m > config.block_m:
             raise ValueError(f"spense_gemm: the gemv kernel takes M <= block_m={config.block_m}, found M={m}")
         grid = (triton.cdiv(weight.n, config.block_n), config.split_k)
-        _spense_gemv_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles)
+        _spense_gemv_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles,
+                                  perm_ptr=weight.channel_perm, GATHER_X=gather)
     else:
-        grid = (triton.cdiv(weight.n, config.block_n), triton.cdiv(m, config.block_m), config.split_k)
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(weight.n, config.block_n), config.split_k)
         _spense_gemm_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
-                                  FP32_DOT=x.dtype == torch.float32, **tiles)
+                                  FP32_DOT=x.dtype == torch.float32, **tiles, PADDED_M=padded)
     if config.split_k > 1:
         result.copy_(acc)
     return result

@@ -13,8 +13,8 @@ import torch
 
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import pack
-from vllm_spense.kernels.spense_gemm import (UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight, choose_config,
-                                             expand_2_4, mma_config, spense_gemm)
+from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, DECODE_GEMV, MMA_MAX_M, UNPACK_AND_CUBLAS,
+                                             KernelConfig, SpenseGemmWeight, choose_config, expand_2_4, spense_gemm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
@@ -25,6 +25,7 @@ CONFIGS = {
     "mid": KernelConfig(64, 128, 64, 16, 1, 4, 2),
     "gemv": KernelConfig(4, 32, 32, 16, 1, 4, 1, "gemv"),
     "gemv split-k": KernelConfig(4, 16, 16, 8, 3, 4, 1, "gemv"),
+    "gemv gather": KernelConfig(4, 8, 32, 16, 2, 4, 1, "gemv", gather_x=True),
     "prefill (unpack + GEMM)": UNPACK_AND_CUBLAS,
 }
 
@@ -66,13 +67,12 @@ def test_expanded_2_4_region_is_the_weight_at_its_2_4_channels(shape, generator)
 
 
 def test_dispatch_by_m_picks_decode_and_prefill_tiles():
-    assert choose_config(1, 4096, 4096, torch.device("cpu")).kernel == "gemv"
-    assert choose_config(3, 4096, 4096, torch.device("cpu")).block_m == 4
-    assert choose_config(4, 4096, 4096, torch.device("cpu")).kernel == "gemv"
-    assert choose_config(5, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
-    assert choose_config(16, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
-    assert mma_config(16, 4096, 4096, torch.device("cpu")).kernel == "mma"
-    assert choose_config(4096, 4096, 4096, torch.device("cpu")) == UNPACK_AND_CUBLAS
+    cpu = torch.device("cpu")
+    assert choose_config(1, 4096, 4096, cpu) == DECODE_GEMV
+    assert choose_config(2, 4096, 4096, cpu) == BATCHED_DECODE_MMA
+    assert choose_config(MMA_MAX_M, 4096, 4096, cpu) == BATCHED_DECODE_MMA
+    assert choose_config(MMA_MAX_M + 1, 4096, 4096, cpu) == UNPACK_AND_CUBLAS
+    assert choose_config(4096, 4096, 4096, cpu) == UNPACK_AND_CUBLAS
 
 
 def test_bad_inputs_are_refused_before_launch():
