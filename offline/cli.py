@@ -19,7 +19,8 @@ from vllm_spense.offline.allocation import ALLOCATIONS, dense_plan, dense_share
 from vllm_spense.offline.calibration import (CALIBRATION_GENRES, CalibrationError, random_windows, read_text,
                                              shakespeare_files, text_files, tokenize)
 from vllm_spense.offline.models import ModelSourceError, decoder_layers, default_model_path, load_model
-from vllm_spense.offline.pruner import METHODS, PruneError, PruneRecipe, prune_model, resolve_chunk_size
+from vllm_spense.offline.pruner import (FP8_COMPENSATIONS, METHODS, WEIGHT_DTYPES, PruneError, PruneRecipe,
+                                        prune_model, resolve_chunk_size)
 from vllm_spense.offline.selection import SELECTIONS
 from vllm_spense.offline.sparsegpt import ORDERS, HessianError
 from vllm_spense.offline.writer import CheckpointWriter, OutputError
@@ -61,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     parser.add_argument("--save-dtype", choices=("auto", *SAVE_DTYPES), default="auto",
                         help="dtype of the written weights (auto: the model's own, bfloat16 for GGUF)")
+    parser.add_argument("--weight-dtype", choices=WEIGHT_DTYPES,
+                        help="store the pruned Linears' values as FP8 (e4m3) with per-output-channel scales "
+                             "(default: in --save-dtype)")
+    parser.add_argument("--fp8-compensation", choices=FP8_COMPENSATIONS, default="obs",
+                        help="obs: round inside the OBS sweep and compensate the rounding error (default); "
+                             "after: round the finished pruned weights")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     return parser
@@ -129,10 +136,12 @@ def run(args: argparse.Namespace) -> pathlib.Path:
     model, tokenizer = load_model(model_path)
     recipe = PruneRecipe(method=args.method, dense_fraction=args.dense_budget, allocation=args.allocation,
                          selection=args.selection, order=args.order, chunk_size=args.chunk_size,
-                         blocksize=args.blocksize, damp=args.damp, seed=args.seed)
+                         blocksize=args.blocksize, damp=args.damp, seed=args.seed, weight_dtype=args.weight_dtype,
+                         fp8_compensation=args.fp8_compensation)
+    value_bytes = 1 if recipe.weight_dtype == "fp8" else save_dtype.itemsize
     if args.target_bytes is not None:
         widths_only = dataclasses.replace(recipe, allocation="adaptive", method="spensegpt")
-        budget = budget_for_target_bytes(args.target_bytes, save_dtype.itemsize, args.allocation,
+        budget = budget_for_target_bytes(args.target_bytes, value_bytes, args.allocation,
                                          resolve_chunk_size(model, widths_only))
         recipe = dataclasses.replace(recipe, dense_fraction=budget)
         logger.info("--target-bytes %g at %s: dense budget %g", args.target_bytes, save_dtype, budget)
@@ -142,16 +151,19 @@ def run(args: argparse.Namespace) -> pathlib.Path:
                       batch_size=args.batch_size)
     share = dense_share(plan, model, chunk_size)
     logger.info("dense share %.4f of the pruned weights (budget %g, %s): they store %.4fx their dense bytes",
-                share, recipe.dense_fraction, recipe.allocation, stored_bytes_ratio(share, save_dtype.itemsize))
+                share, recipe.dense_fraction, recipe.allocation, stored_bytes_ratio(share, value_bytes))
     pruning = {"method": recipe.method, "selection": recipe.selection, "order": recipe.order,
                "allocation": recipe.allocation, "dense_share": round(share, 6), "nsamples": args.nsamples,
                "seqlen": args.seqlen, "damp": recipe.damp, "seed": recipe.seed}
     if args.target_bytes is not None:
         pruning["target_bytes"] = args.target_bytes
+    if recipe.weight_dtype is not None:
+        pruning["fp8_compensation"] = recipe.fp8_compensation
     per_layer = recipe.allocation == "adaptive"
     quant = SpenseQuantConfig(
         dense_fraction=recipe.dense_fraction, chunk_size=chunk_size, ignore=DEFAULT_IGNORE, pruning=pruning,
-        dense_fractions={name: d * GROUP_SIZE / chunk_size for name, d in plan.items()} if per_layer else {})
+        dense_fractions={name: d * GROUP_SIZE / chunk_size for name, d in plan.items()} if per_layer else {},
+        weight_dtype="float8_e4m3fn" if recipe.weight_dtype == "fp8" else None)
     run_settings = {"model": str(model_path.resolve()), "calibration_sha256": _files_digest(calibration_files),
                     "save_dtype": str(save_dtype), "quantization_config": quant.to_dict(),
                     "blocksize": recipe.blocksize, "batch_size": args.batch_size}

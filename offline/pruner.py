@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vllm_spense.format import (DEFAULT_CHUNK_SIZE, GROUP_SIZE, SpenseFormatError, dense_groups_per_chunk,
-                                pack)
+                                fp8_round, fp8_scales, pack)
 from vllm_spense.offline.allocation import ALLOCATIONS, DensePlan, uniform_plan
 from vllm_spense.offline.models import decoder_layers, target_linears
 from vllm_spense.offline.selection import (SELECTIONS, activation_score, balanced_top_groups,
@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("spensegpt", "sparsegpt", "wanda", "magnitude")
 UNSTRUCTURED = "sparsegpt-unstructured"  # upper reference for the quality table; writes no Spense checkpoint
+WEIGHT_DTYPES = ("fp8",)  # --weight-dtype: FP8 (e4m3) values with per-output-channel scales
+# How FP8 rounding meets pruning: "obs" rounds inside the OBS sweep and compensates the rounding error (scales
+# from the unpruned rows); "after" rounds the finished pruned weight (scales from its rows).
+FP8_COMPENSATIONS = ("obs", "after")
 
 
 class PruneError(ValueError):
@@ -47,6 +51,8 @@ class PruneRecipe:
     damp: float = 0.01
     seed: int = 0
     sparsity: float | None = None  # only for UNSTRUCTURED
+    weight_dtype: str | None = None  # None: the checkpoint's float dtype; "fp8"
+    fp8_compensation: str = "obs"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS + (UNSTRUCTURED,):
@@ -64,6 +70,11 @@ class PruneRecipe:
             raise PruneError(f"unknown selection {self.selection!r}; choose one of {', '.join(SELECTIONS)}")
         if self.order not in ORDERS:
             raise PruneError(f"unknown order {self.order!r}; choose one of {', '.join(ORDERS)}")
+        if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPES:
+            raise PruneError(f"unknown weight dtype {self.weight_dtype!r}; choose one of {', '.join(WEIGHT_DTYPES)}")
+        if self.fp8_compensation not in FP8_COMPENSATIONS:
+            raise PruneError(f"unknown FP8 compensation {self.fp8_compensation!r}; choose one of "
+                             f"{', '.join(FP8_COMPENSATIONS)}")
         if (self.method == UNSTRUCTURED) != (self.sparsity is not None):
             raise PruneError("sparsity is given for the unstructured reference and only for it")
 
@@ -218,13 +229,26 @@ def choose_dense_mask(recipe: PruneRecipe, weights: list[torch.Tensor], hessian:
 
 
 def prune_weight(recipe: PruneRecipe, weight: torch.Tensor, hessian: torch.Tensor, dense_mask: torch.Tensor,
-                 layer: str) -> torch.Tensor:
+                 layer: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The pruned weight and, for FP8, its per-output-channel scales (the weight then holds float32 values
+    on the FP8 grid of those scales)."""
+    in_sweep = recipe.weight_dtype == "fp8" and recipe.fp8_compensation == "obs" and recipe.method in (
+        "spensegpt", "sparsegpt", UNSTRUCTURED)
+    scale = fp8_scales(weight) if in_sweep else None
     if recipe.method == "wanda":
-        return wanda_2_4(weight, torch.diag(hessian))
-    if recipe.method == "magnitude":
-        return magnitude_2_4(weight)
-    return sparsify_weight(weight, hessian, dense_mask=dense_mask, sparsity=recipe.sparsity, order=recipe.order,
-                           blocksize=recipe.blocksize, damp=recipe.damp, layer=layer).weight
+        pruned = wanda_2_4(weight, torch.diag(hessian))
+    elif recipe.method == "magnitude":
+        pruned = magnitude_2_4(weight)
+    else:
+        quantize = (lambda column: fp8_round(column[:, None], scale)[:, 0]) if in_sweep else None
+        pruned = sparsify_weight(weight, hessian, dense_mask=dense_mask, sparsity=recipe.sparsity,
+                                 order=recipe.order, blocksize=recipe.blocksize, damp=recipe.damp, layer=layer,
+                                 quantize=quantize).weight
+    if recipe.weight_dtype is None:
+        return pruned, None
+    if scale is None:
+        scale = fp8_scales(pruned)
+    return fp8_round(pruned, scale), scale
 
 
 @torch.no_grad()
@@ -270,11 +294,13 @@ def prune_model(model: nn.Module, calibration: torch.Tensor, recipe: PruneRecipe
                                      generator, full)
             for name in group:
                 linear = linears[name]
-                pruned = prune_weight(recipe, linear.weight, hessian, mask, f"{prefix}.{name}").to(save_dtype)
+                pruned, scale = prune_weight(recipe, linear.weight, hessian, mask, f"{prefix}.{name}")
+                pruned = pruned.to(save_dtype) if scale is None else pruned.float()  # FP8: on its grid already
                 stats[name] = _relative_output_error(linear.weight.float(), pruned.float(), hessian)
                 linear.weight.copy_(pruned.to(linear.weight.dtype))
                 if recipe.writes_spense:
-                    tensors.update(pack(pruned, mask, chunk_size, f"{prefix}.{name}").tensors(f"{prefix}.{name}"))
+                    tensors.update(pack(pruned, mask, chunk_size, f"{prefix}.{name}", weight_scale=scale
+                                        ).tensors(f"{prefix}.{name}"))
         for key, value in layer.state_dict().items():
             full = f"{prefix}.{key}"
             is_packed_weight = recipe.writes_spense and key.endswith(".weight") and key[:-7] in linears

@@ -18,9 +18,12 @@ import torch
 
 from vllm_spense.offline.calibration import CALIBRATION_GENRES, random_windows, read_text, shakespeare_files, tokenize
 from vllm_spense.offline.evaluate import evaluation_windows, perplexity
-from vllm_spense.offline.models import default_model_path, load_model
+from vllm_spense.format import fp8_round, fp8_scales
+from vllm_spense.offline.models import decoder_layers, default_model_path, load_model, target_linears
 from vllm_spense.offline.allocation import dense_plan, dense_share
 from vllm_spense.offline.pruner import UNSTRUCTURED, PruneRecipe, prune_model, resolve_chunk_size
+
+DENSE_FP8 = "dense FP8"  # a row that only rounds every targeted Linear to FP8 (per-output-channel scales)
 
 MAIN_ROWS = {
     "dense": None,
@@ -29,8 +32,8 @@ MAIN_ROWS = {
 }
 
 
-def full_rows() -> dict[str, PruneRecipe | None]:
-    rows: dict[str, PruneRecipe | None] = {
+def full_rows() -> dict[str, PruneRecipe | str | None]:
+    rows: dict[str, PruneRecipe | str | None] = {
         "dense": None,
         "magnitude 2:4": PruneRecipe(method="magnitude", dense_fraction=0.0),
         "Wanda 2:4": PruneRecipe(method="wanda", dense_fraction=0.0),
@@ -46,19 +49,32 @@ def full_rows() -> dict[str, PruneRecipe | None]:
         rows[f"SpenseGPT rho=0.25 {selection}, natural order"] = PruneRecipe(
             dense_fraction=0.25, selection=selection, order="natural")
     rows["SparseGPT unstructured 37.5%"] = PruneRecipe(method=UNSTRUCTURED, dense_fraction=0.0, sparsity=0.375)
+    rows["dense, FP8 weights (rounded)"] = DENSE_FP8
+    for rho in (0.125, 0.25):
+        for compensation, how in (("obs", "rounding compensated in the OBS sweep"), ("after", "rounded after")):
+            rows[f"SpenseGPT rho={rho} error, FP8 weights ({how})"] = PruneRecipe(
+                dense_fraction=rho, weight_dtype="fp8", fp8_compensation=compensation)
     return rows
 
 
-def overall_sparsity(recipe: PruneRecipe | None, dense_share: float) -> float:
+@torch.no_grad()
+def round_linears_to_fp8(model) -> None:
+    """Dense FP8 reference: every targeted Linear rounded to FP8 with per-output-channel scales."""
+    for layer in decoder_layers(model):
+        for linear in target_linears(layer).values():
+            linear.weight.copy_(fp8_round(linear.weight, fp8_scales(linear.weight)).to(linear.weight.dtype))
+
+
+def overall_sparsity(recipe: PruneRecipe | str | None, dense_share: float) -> float:
     """Share of the pruned layers' weights set to zero (``dense_share``: of the weights kept dense)."""
-    if recipe is None:
+    if not isinstance(recipe, PruneRecipe):
         return 0.0
     if recipe.sparsity is not None:
         return recipe.sparsity
     return 0.5 * (1.0 - dense_share)
 
 
-def run_table(rows: dict[str, PruneRecipe | None], model_path=None, nsamples: int = 64, seqlen: int = 512,
+def run_table(rows: dict[str, PruneRecipe | str | None], model_path=None, nsamples: int = 64, seqlen: int = 512,
               eval_windows: int = 16, eval_seqlen: int = 1024, device: str = "cpu", seed: int = 0) -> list[dict]:
     model, tokenizer = load_model(model_path or default_model_path())
     original = {k: v.clone() for k, v in model.state_dict().items()}
@@ -70,7 +86,9 @@ def run_table(rows: dict[str, PruneRecipe | None], model_path=None, nsamples: in
         model.load_state_dict(original)
         start = time.time()
         share = 0.0
-        if recipe is not None:
+        if recipe == DENSE_FP8:
+            round_linears_to_fp8(model)
+        elif recipe is not None:
             chunk_size = resolve_chunk_size(model, recipe)
             plan = dense_plan(model, calibration, recipe, chunk_size, device=torch.device(device), batch_size=8)
             share = dense_share(plan, model, chunk_size)

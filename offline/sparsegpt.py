@@ -6,11 +6,15 @@ visited through the inverse Hessian's Cholesky factor (lazy block updates of ``b
 Dense groups (SpenseGPT, paper Sec. 3) are never pruned but still absorb compensation. With
 ``order="dense-last"`` the sweep visits them after every 2:4 group, so they absorb the error of all
 of them; ``"natural"`` keeps the channel order. The input weight is never modified.
+
+With ``quantize`` (FP8 checkpoints) every kept weight is also rounded as its column is visited, and the
+rounding error is compensated like the pruning error, as SparseGPT's joint sparsify-and-quantize pass does.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -47,8 +51,11 @@ def _inverse_hessian_factor(hessian: torch.Tensor, damp: float, layer: str) -> t
 
 def sparsify_weight(weight: torch.Tensor, hessian: torch.Tensor, *, dense_mask: torch.Tensor | None = None,
                     sparsity: float | None = None, order: str = "dense-last", blocksize: int = 128,
-                    damp: float = 0.01, layer: str = "<weight>") -> SparsifyResult:
-    """Prune ``weight`` to 2:4 outside ``dense_mask`` (or to unstructured ``sparsity`` when given)."""
+                    damp: float = 0.01, layer: str = "<weight>",
+                    quantize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> SparsifyResult:
+    """Prune ``weight`` to 2:4 outside ``dense_mask`` (or to unstructured ``sparsity`` when given).
+
+    ``quantize`` maps one column ``[N]`` (float32, pruned entries already zero) to its rounded values."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, found {order!r}")
     if blocksize % GROUP_SIZE:
@@ -98,6 +105,8 @@ def sparsify_weight(weight: torch.Tensor, hessian: torch.Tensor, *, dense_mask: 
                 drop = torch.topk(score, GROUP_SIZE - SPARSE_KEPT, dim=1, largest=False).indices
                 mask1.scatter_(1, i + drop, True)
             q = col.masked_fill(mask1[:, i], 0)
+            if quantize is not None:
+                q = quantize(q)
             q1[:, i] = q
             losses[:, i1 + i] = (col - q) ** 2 / d[i] ** 2 / 2
             err = (col - q) / d[i]

@@ -176,7 +176,7 @@ def test_mutants_load_correctly_or_fail_clearly(tiny_checkpoint, tmp_path_factor
         assert torch.equal(state[f"{layer}.weight"], weight)
         x = torch.randn(3, weight.shape[1], dtype=torch.float64)
         perm = torch.cat(group_channels(packed.dense_mask)).to(torch.int32)
-        y = spense_linear(x, *(t.double() if t.is_floating_point() else t for t in packed), perm)
+        y = spense_linear(x, *(t.double() if t.is_floating_point() else t for t in packed[:4]), perm)
         torch.testing.assert_close(y, x @ weight.double().T, rtol=1e-9, atol=1e-9)
 
 

@@ -36,7 +36,7 @@ def make_weight(shape, dtype, generator):
     weight = random_pruned_weight(n, k, mask, generator, dtype)
     packed = pack(weight, mask, chunk)
     return weight, SpenseGemmWeight.from_packed(packed._replace(**{
-        f: getattr(packed, f).to(DEVICE) for f in packed._fields}))
+        f: getattr(packed, f).to(DEVICE) for f in packed._fields if getattr(packed, f) is not None}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

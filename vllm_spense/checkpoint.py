@@ -9,8 +9,8 @@ from typing import Callable, Mapping
 import torch
 from safetensors import SafetensorError, safe_open
 
-from vllm_spense.format import (LAYER_TENSORS, PackedSpenseWeight, SpenseFormatError, SpenseQuantConfig,
-                                SpenseTensor, check_layout, unpack, validate)
+from vllm_spense.format import (LAYER_TENSORS, OPTIONAL_LAYER_TENSORS, WEIGHT_SCALE, PackedSpenseWeight,
+                                SpenseFormatError, SpenseQuantConfig, SpenseTensor, check_layout, unpack, validate)
 
 
 def read_config(folder: str | pathlib.Path) -> tuple[dict, SpenseQuantConfig | None]:
@@ -34,7 +34,7 @@ def read_config(folder: str | pathlib.Path) -> tuple[dict, SpenseQuantConfig | N
 
 _HEADER_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
                   "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                  "F64": torch.float64}
+                  "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn}
 
 
 def _safetensors_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
@@ -85,14 +85,18 @@ def check_checkpoint_headers(folder: str | pathlib.Path, quant: SpenseQuantConfi
         if quant.is_ignored(layer):
             raise SpenseFormatError(f"layer {layer}: stores Spense tensors but quantization_config.ignore skips it")
         unexpected = sorted(name for name in layouts if name.startswith(layer + ".")
-                            and name[len(layer) + 1:] not in {*(t.value for t in LAYER_TENSORS), "bias"})
+                            and name[len(layer) + 1:] not in {*(t.value for t in LAYER_TENSORS),
+                                                              *OPTIONAL_LAYER_TENSORS})
         if unexpected:
             raise SpenseFormatError(f"layer {layer}: unexpected tensors {unexpected} beside the Spense tensors")
         missing = [t.key(layer) for t in LAYER_TENSORS if t.key(layer) not in layouts]
         if missing:
             raise SpenseFormatError(f"layer {layer}: missing tensors {missing}")
-        dense_per_chunk[layer] = check_layout({t: layouts[t.key(layer)] for t in LAYER_TENSORS}, quant.chunk_size,
-                                              layer)
+        layer_layouts = {t: layouts[t.key(layer)] for t in LAYER_TENSORS}
+        if f"{layer}.{WEIGHT_SCALE}" in layouts:
+            layer_layouts[WEIGHT_SCALE] = layouts[f"{layer}.{WEIGHT_SCALE}"]
+        dense_per_chunk[layer] = check_layout(layer_layouts, quant.chunk_size, layer,
+                                              value_dtype=quant.stored_value_dtype)
     check_dense_fractions(quant, dense_per_chunk)
     for name, (shape, _) in layouts.items():
         module = name.rpartition(".")[0]
@@ -138,14 +142,15 @@ def dense_state_dict(folder: str | pathlib.Path) -> tuple[dict, SpenseQuantConfi
     if not layers:
         raise SpenseFormatError(f"{folder}: config says spense but no layer stores "
                                 f"{SpenseTensor.DENSE_MASK.value} and the other Spense tensors")
-    state = {key: value for key, value in tensors.items()
-             if not any(key == t.key(layer) for layer in layers for t in LAYER_TENSORS)}
+    packed_keys = {key for layer in layers for key in (*(t.key(layer) for t in LAYER_TENSORS),
+                                                        f"{layer}.{WEIGHT_SCALE}")}
+    state = {key: value for key, value in tensors.items() if key not in packed_keys}
     dense_per_chunk = {}
     for layer in layers:
         if f"{layer}.weight" in tensors:
             raise SpenseFormatError(f"layer {layer}: stores both a dense {layer}.weight and Spense tensors")
         packed = PackedSpenseWeight.from_tensors(layer, tensors)
-        dense_per_chunk[layer] = validate(packed, quant.chunk_size, layer)
+        dense_per_chunk[layer] = validate(packed, quant.chunk_size, layer, value_dtype=quant.stored_value_dtype)
         state[f"{layer}.weight"] = unpack(packed)
     check_dense_fractions(quant, dense_per_chunk)
     return config, quant, state

@@ -16,8 +16,10 @@ Tensors of one layer, stored under the layer's Hugging Face name (``<layer>.<suf
                                                                the second (first < second); group 2j in
                                                                the low nibble, group 2j+1 in the high one
     dense_mask    [K / 4]            bool                      True where the group is dense
+    weight_scale  [N]                float32                   only with ``weight_dtype`` float8_e4m3fn:
+                                                               per-output-channel scale of both regions
 
-``G_dense + G_sparse = K / 4``. The dense-group count per chunk is even, so every chunk (and so every
+``G_dense + G_sparse = K / 4``.The dense-group count per chunk is even, so every chunk (and so every
 tensor-parallel shard) holds an even number of 2:4 groups and whole metadata bytes.
 """
 
@@ -36,6 +38,9 @@ GROUP_SIZE = 4
 SPARSE_KEPT = 2  # values kept per 2:4 group
 DEFAULT_CHUNK_SIZE = 128
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# quantization_config.weight_dtype -> stored value dtype: FP8 values times a per-output-channel weight_scale.
+WEIGHT_DTYPES = {"float8_e4m3fn": torch.float8_e4m3fn}
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # lm_head and the embeddings are never pruned (they are not in decoder layers, and never targeted).
 DEFAULT_IGNORE = ("lm_head", "re:.*embed_tokens$")
 
@@ -57,7 +62,8 @@ class SpenseTensor(str, enum.Enum):
 
 
 LAYER_TENSORS = tuple(SpenseTensor)
-OPTIONAL_LAYER_TENSORS = ("bias",)
+WEIGHT_SCALE = "weight_scale"  # FP8 checkpoints only
+OPTIONAL_LAYER_TENSORS = ("bias", WEIGHT_SCALE)
 
 
 class PackedSpenseWeight(NamedTuple):
@@ -65,20 +71,24 @@ class PackedSpenseWeight(NamedTuple):
     sparse_weight: torch.Tensor
     sparse_meta: torch.Tensor
     dense_mask: torch.Tensor
+    weight_scale: torch.Tensor | None = None  # [N] float32 when the values are FP8
 
     @property
     def shape(self) -> tuple[int, int]:
         return self.dense_weight.shape[0], self.dense_mask.numel() * GROUP_SIZE
 
     def tensors(self, layer: str) -> dict[str, torch.Tensor]:
-        return {t.key(layer): getattr(self, t.value) for t in LAYER_TENSORS}
+        tensors = {t.key(layer): getattr(self, t.value) for t in LAYER_TENSORS}
+        if self.weight_scale is not None:
+            tensors[f"{layer}.{WEIGHT_SCALE}"] = self.weight_scale
+        return tensors
 
     @classmethod
     def from_tensors(cls, layer: str, tensors: Mapping[str, torch.Tensor]) -> "PackedSpenseWeight":
         missing = [t.key(layer) for t in LAYER_TENSORS if t.key(layer) not in tensors]
         if missing:
             raise SpenseFormatError(f"layer {layer}: missing tensors {missing}")
-        return cls(*(tensors[t.key(layer)] for t in LAYER_TENSORS))
+        return cls(*(tensors[t.key(layer)] for t in LAYER_TENSORS), tensors.get(f"{layer}.{WEIGHT_SCALE}"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +106,8 @@ class SpenseQuantConfig:
     # Per-layer fractions by checkpoint layer name (an adaptive allocation lists every layer); a layer not
     # listed has ``dense_fraction``. vLLM sizes each layer's tensors from this before any tensor is read.
     dense_fractions: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # None: values in the checkpoint's own float dtype; "float8_e4m3fn": FP8 values and a weight_scale.
+    weight_dtype: str | None = None
 
     def __post_init__(self) -> None:
         where = "quantization_config"
@@ -110,6 +122,9 @@ class SpenseQuantConfig:
                 f"{where}: chunk_size must be a positive multiple of {2 * GROUP_SIZE}, found {self.chunk_size!r}")
         if not (0.0 <= float(self.dense_fraction) < 1.0):
             raise SpenseFormatError(f"{where}: dense_fraction must be in [0, 1), found {self.dense_fraction!r}")
+        if self.weight_dtype is not None and self.weight_dtype not in WEIGHT_DTYPES:
+            raise SpenseFormatError(f"{where}: weight_dtype must be one of {sorted(WEIGHT_DTYPES)} (or absent), "
+                                    f"found {self.weight_dtype!r}")
         for layer, fraction in self.dense_fractions.items():
             if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction < 1.0:
                 raise SpenseFormatError(f"{where}: dense_fractions[{layer!r}] must be a number in [0, 1), "
@@ -145,7 +160,13 @@ class SpenseQuantConfig:
             "ignore": list(self.ignore),
             "pruning": dict(self.pruning),
             **({"dense_fractions": dict(self.dense_fractions)} if self.dense_fractions else {}),
+            **({"weight_dtype": self.weight_dtype} if self.weight_dtype else {}),
         }
+
+    @property
+    def stored_value_dtype(self) -> torch.dtype | None:
+        """The dtype every layer's values must have when the config fixes it (FP8), else None."""
+        return WEIGHT_DTYPES[self.weight_dtype] if self.weight_dtype else None
 
     @classmethod
     def from_dict(cls, config: Mapping) -> "SpenseQuantConfig":
@@ -247,9 +268,23 @@ def check_dense_mask(dense_mask: torch.Tensor, chunk_size: int, layer: str) -> i
     return count
 
 
-def pack(weight: torch.Tensor, dense_mask: torch.Tensor, chunk_size: int, layer: str = "<weight>"
-         ) -> PackedSpenseWeight:
-    """Split a pruned dense weight into the Spense tensors; 2:4 groups may hold at most 2 nonzeros."""
+def fp8_scales(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel FP8 scales [N] float32: each row's largest magnitude lands on FP8_MAX."""
+    return (weight.detach().abs().amax(dim=1).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def fp8_round(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight`` rounded to the FP8 grid of its rows' scales (saturating), as float32; zeros stay zero."""
+    scaled = (weight.float() / scale.float()[:, None]).clamp(-FP8_MAX, FP8_MAX)
+    return scaled.to(torch.float8_e4m3fn).float() * scale.float()[:, None]
+
+
+def pack(weight: torch.Tensor, dense_mask: torch.Tensor, chunk_size: int, layer: str = "<weight>",
+         weight_scale: torch.Tensor | None = None) -> PackedSpenseWeight:
+    """Split a pruned dense weight into the Spense tensors; 2:4 groups may hold at most 2 nonzeros.
+
+    With ``weight_scale`` the values are stored as FP8 ``weight / scale`` (exact for a weight already on
+    that grid, ``fp8_round``; rounded otherwise)."""
     n, k = weight.shape
     if dense_mask.numel() * GROUP_SIZE != k:
         raise SpenseFormatError(
@@ -270,7 +305,13 @@ def pack(weight: torch.Tensor, dense_mask: torch.Tensor, chunk_size: int, layer:
     values = sparse.gather(-1, kept).reshape(n, -1)
     nibble = (kept[..., 0] | (kept[..., 1] << 2)).to(torch.uint8)
     meta = nibble[:, 0::2] | (nibble[:, 1::2] << 4)
-    return PackedSpenseWeight(dense.contiguous(), values.contiguous(), meta.contiguous(), dense_mask.clone())
+    if weight_scale is None:
+        return PackedSpenseWeight(dense.contiguous(), values.contiguous(), meta.contiguous(), dense_mask.clone())
+    scale = weight_scale.float().reshape(n)
+
+    def to_fp8(part: torch.Tensor) -> torch.Tensor:
+        return (part.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
+    return PackedSpenseWeight(to_fp8(dense), to_fp8(values), meta.contiguous(), dense_mask.clone(), scale.clone())
 
 
 def sparse_indices(sparse_meta: torch.Tensor) -> torch.Tensor:
@@ -280,22 +321,28 @@ def sparse_indices(sparse_meta: torch.Tensor) -> torch.Tensor:
 
 
 def unpack(packed: PackedSpenseWeight) -> torch.Tensor:
-    """Rebuild the dense [N, K] weight (zeros where pruned); exact inverse of ``pack``."""
+    """Rebuild the dense [N, K] weight (zeros where pruned); exact inverse of ``pack``. FP8 values come
+    back dequantized, in float32."""
     n, k = packed.shape
-    groups = torch.zeros(n, k // GROUP_SIZE, GROUP_SIZE, dtype=packed.dense_weight.dtype,
-                         device=packed.dense_weight.device)
-    groups[:, packed.dense_mask, :] = packed.dense_weight.reshape(n, -1, GROUP_SIZE)
+    dense, values = packed.dense_weight, packed.sparse_weight
+    if packed.weight_scale is not None:
+        dense = dense.float() * packed.weight_scale.float()[:, None]
+        values = values.float() * packed.weight_scale.float()[:, None]
+    groups = torch.zeros(n, k // GROUP_SIZE, GROUP_SIZE, dtype=dense.dtype, device=dense.device)
+    groups[:, packed.dense_mask, :] = dense.reshape(n, -1, GROUP_SIZE)
     kept = sparse_indices(packed.sparse_meta)
     sparse = torch.zeros(n, kept.shape[1], GROUP_SIZE, dtype=groups.dtype, device=groups.device)
-    sparse.scatter_(-1, kept, packed.sparse_weight.reshape(n, -1, SPARSE_KEPT))
+    sparse.scatter_(-1, kept, values.reshape(n, -1, SPARSE_KEPT))
     groups[:, ~packed.dense_mask, :] = sparse
     return groups.reshape(n, k)
 
 
-def check_layout(layouts: Mapping[SpenseTensor, tuple[Sequence[int], torch.dtype]], chunk_size: int, layer: str,
-                 expected_shape: tuple[int, int] | None = None) -> int:
+def check_layout(layouts: Mapping[SpenseTensor | str, tuple[Sequence[int], torch.dtype]], chunk_size: int,
+                 layer: str, expected_shape: tuple[int, int] | None = None,
+                 value_dtype: torch.dtype | None = None) -> int:
     """Shapes and dtypes of one layer's tensors (all a safetensors header holds); returns the dense groups
-    per chunk that ``dense_weight``'s width implies."""
+    per chunk that ``dense_weight``'s width implies. ``value_dtype`` (FP8 checkpoints) fixes the values'
+    dtype and requires a ``weight_scale`` layout under the key ``WEIGHT_SCALE``; without it none may exist."""
     num_groups = _check_mask_layout(*layouts[SpenseTensor.DENSE_MASK], chunk_size, layer)
     groups_per_chunk = chunk_size // GROUP_SIZE
     k = num_groups * GROUP_SIZE
@@ -304,8 +351,10 @@ def check_layout(layouts: Mapping[SpenseTensor, tuple[Sequence[int], torch.dtype
         _fail(layer, SpenseTensor.DENSE_MASK,
               f"expected {expected_shape[1] // GROUP_SIZE} groups (K={expected_shape[1]}), found {num_groups} (K={k})")
     dense_shape, dtype = layouts[SpenseTensor.DENSE_WEIGHT]
-    if dtype not in VALUE_DTYPES:
-        _fail(layer, SpenseTensor.DENSE_WEIGHT, f"expected dtype in {[str(d) for d in VALUE_DTYPES]}, found {dtype}")
+    allowed = (value_dtype,) if value_dtype is not None else VALUE_DTYPES
+    if dtype not in allowed:
+        why = " (quantization_config.weight_dtype)" if value_dtype is not None else ""
+        _fail(layer, SpenseTensor.DENSE_WEIGHT, f"expected dtype in {[str(d) for d in allowed]}{why}, found {dtype}")
     if len(dense_shape) != 2:
         _fail(layer, SpenseTensor.DENSE_WEIGHT, f"expected 2 dimensions, found shape {list(dense_shape)}")
     n = expected_shape[0] if expected_shape is not None else dense_shape[0]
@@ -328,19 +377,36 @@ def check_layout(layouts: Mapping[SpenseTensor, tuple[Sequence[int], torch.dtype
             _fail(layer, tensor, f"expected dtype {want_dtype}{same}, found {found_dtype}")
         if list(found_shape) != shape:
             _fail(layer, tensor, f"expected shape {shape}, found {list(found_shape)}")
+    scale_key = f"{layer}.{WEIGHT_SCALE}"
+    if value_dtype is None and WEIGHT_SCALE in layouts:
+        raise SpenseFormatError(f"layer {layer}, tensor {scale_key}: a weight_scale needs "
+                                f"quantization_config.weight_dtype (FP8 values); this checkpoint declares none")
+    if value_dtype is not None:
+        if WEIGHT_SCALE not in layouts:
+            raise SpenseFormatError(f"layer {layer}: missing tensor {scale_key} (FP8 values need their scales)")
+        found_shape, found_dtype = layouts[WEIGHT_SCALE]
+        if list(found_shape) != [n] or found_dtype != torch.float32:
+            raise SpenseFormatError(f"layer {layer}, tensor {scale_key}: expected torch.float32 of shape [{n}], "
+                                    f"found {found_dtype} of shape {list(found_shape)}")
     return dense_per_chunk
 
 
 def validate(packed: PackedSpenseWeight, chunk_size: int, layer: str,
-             expected_shape: tuple[int, int] | None = None) -> int:
+             expected_shape: tuple[int, int] | None = None, value_dtype: torch.dtype | None = None) -> int:
     """Reject any inconsistency in one layer's tensors, naming the layer, tensor, expected and found;
-    return its dense groups per chunk."""
+    return its dense groups per chunk. ``value_dtype`` as in ``check_layout``."""
     for tensor in LAYER_TENSORS:
         value = getattr(packed, tensor.value)
         if not isinstance(value, torch.Tensor):
             _fail(layer, tensor, f"expected a tensor, found {type(value).__name__}")
     layouts = {t: (tuple(getattr(packed, t.value).shape), getattr(packed, t.value).dtype) for t in LAYER_TENSORS}
-    dense_per_chunk = check_layout(layouts, chunk_size, layer, expected_shape)
+    if packed.weight_scale is not None:
+        layouts[WEIGHT_SCALE] = (tuple(packed.weight_scale.shape), packed.weight_scale.dtype)
+    dense_per_chunk = check_layout(layouts, chunk_size, layer, expected_shape, value_dtype)
+    if packed.weight_scale is not None and not (torch.isfinite(packed.weight_scale).all()
+                                                and (packed.weight_scale > 0).all()):
+        raise SpenseFormatError(f"layer {layer}, tensor {layer}.{WEIGHT_SCALE}: every scale must be finite and "
+                                f"positive, found min {packed.weight_scale.min().item():g}")
     in_mask = check_dense_mask(packed.dense_mask, chunk_size, layer)
     if in_mask != dense_per_chunk:
         _fail(layer, SpenseTensor.DENSE_MASK,
