@@ -119,7 +119,7 @@ def sweep_decode(path: str | None) -> None:
 def crossover(path: str) -> None:
     """The default path against the fused MMA kernel with 16-, 32- and 64-row tiles and the cuBLAS + 2:4
     expansion path, M = 1 to 128, Qwen3-8B shapes, rho = 0.25: where ``MMA_MAX_M`` should sit. Also the
-    MMA kernel without the row padding of x (``PAD_X_ROWS``), at M = 8 and 24."""
+    MMA kernel without the row padding of x (``KernelConfig.pad_rows``), at M = 8 and 24."""
     from vllm_spense.kernels import spense_gemm as module
 
     mma = {f"mma {block_m}": dataclasses.replace(module.BATCHED_DECODE_MMA, block_m=block_m) for block_m in (16, 32)}
@@ -135,9 +135,8 @@ def crossover(path: str) -> None:
                 for label, config in mma.items():
                     row[f"{label}_us"] = timed(lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
             if m in (8, 24):
-                module.PAD_X_ROWS = False
-                row["default unpadded_us"] = timed(lambda w, x: spense_gemm(x, w), ws, xs) * 1e3
-                module.PAD_X_ROWS = True
+                unpadded = dataclasses.replace(module.BATCHED_DECODE_MMA, pad_rows=False)
+                row["default unpadded_us"] = timed(lambda w, x: spense_gemm(x, w, config=unpadded), ws, xs) * 1e3
             results.append(row)
             print(f"crossover {name} m={m}: " + ", ".join(f"{key[:-3]} {value:.1f}" for key, value in row.items()
                                                           if key.endswith("_us")), flush=True)

@@ -341,16 +341,16 @@ class KernelConfig:
     num_stages: int
     kernel: str = "mma"  # "gemv" (CUDA-core FMAs, tiny M), "mma" (fused tl.dot) or "unpack" (+ cuBLAS)
     gather_x: bool = False  # gemv only: read x through channel_perm in the kernel instead of a permuted copy
+    pad_rows: bool = True  # mma only: pad the permuted x to whole BLOCK_M-row tiles, read without row masks
 
 
 # Decode, one row: the CUDA-core kernel, 8 rows x (512 dense columns, 256 2:4 groups) per step, x read
-# through channel_perm in the kernel (no permuted copy); the best tiles of docs/measurements/sweep_decode_h100.json.
+# through channel_perm in the kernel (no permuted copy); the best tiles of sweep_decode_h100_v5.json.
 DECODE_GEMV = KernelConfig(1, 8, 512, 256, 1, 4, 3, "gemv", gather_x=True)
-# Batched decode: the fused MMA kernel with 16-row tiles of x; cuBLAS + 2:4 expansion wins from about 96 rows
-# (docs/measurements/crossover_h100.json).
+# Batched decode: the fused MMA kernel with 16-row tiles of x; cuBLAS + 2:4 expansion ties it at 96 rows and
+# wins beyond (docs/measurements/crossover_h100_v2.json).
 MMA_MAX_M = 64
 BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
-PAD_X_ROWS = True  # the MMA kernel reads x in whole, unmasked BLOCK_M-row tiles (see spense_gemm)
 # Prefill: the dense region straight to cuBLAS, the 2:4 region expanded in block_n x block_g tiles, then cuBLAS.
 UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
 
@@ -417,7 +417,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     gather = config.kernel == "gemv" and config.gather_x
     # The MMA kernel reads whole BLOCK_M-row tiles of x unmasked when the permuted copy is padded to them;
     # the padding rows are never initialised and only reach output rows that are never stored.
-    rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and PAD_X_ROWS else m
+    rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
     padded = rows != m
     if gather:
         x_perm = x.contiguous()

@@ -140,9 +140,8 @@ def run(args: argparse.Namespace) -> pathlib.Path:
                          fp8_compensation=args.fp8_compensation)
     value_bytes = 1 if recipe.weight_dtype == "fp8" else save_dtype.itemsize
     if args.target_bytes is not None:
-        widths_only = dataclasses.replace(recipe, allocation="adaptive", method="spensegpt")
         budget = budget_for_target_bytes(args.target_bytes, value_bytes, args.allocation,
-                                         resolve_chunk_size(model, widths_only))
+                                         resolve_chunk_size(model, recipe, widths_only=True))
         recipe = dataclasses.replace(recipe, dense_fraction=budget)
         logger.info("--target-bytes %g at %s: dense budget %g", args.target_bytes, save_dtype, budget)
     chunk_size = resolve_chunk_size(model, recipe)

@@ -91,8 +91,12 @@ class LayerStore(Protocol):
     def save_layer(self, index: int, tensors: dict[str, torch.Tensor], next_inputs: torch.Tensor) -> None: ...
 
 
-def resolve_chunk_size(model: nn.Module, recipe: PruneRecipe) -> int:
-    """The chunk size to use: the recipe's, or the largest power of two <= 128 that fits every layer."""
+def resolve_chunk_size(model: nn.Module, recipe: PruneRecipe, widths_only: bool = False) -> int:
+    """The chunk size to use: the recipe's, or the largest power of two <= 128 that fits every layer.
+
+    A uniform recipe's dense fraction must also come out as an even number of groups per chunk, unless
+    ``widths_only`` (the fraction is not known yet, as when ``--target-bytes`` chooses it)."""
+    check_fraction = recipe.allocation == "uniform" and not widths_only
     widths = {linear.in_features for layer in decoder_layers(model) for linear in target_linears(layer).values()}
     if not widths:
         raise PruneError(f"{type(model).__name__} has no Linear layers inside its decoder layers to prune")
@@ -101,7 +105,7 @@ def resolve_chunk_size(model: nn.Module, recipe: PruneRecipe) -> int:
         bad = sorted(w for w in widths if w % chunk)
         if bad:
             continue
-        if recipe.allocation == "uniform":
+        if check_fraction:
             try:
                 dense_groups_per_chunk(recipe.dense_fraction, chunk)
             except SpenseFormatError:
@@ -111,7 +115,7 @@ def resolve_chunk_size(model: nn.Module, recipe: PruneRecipe) -> int:
         bad = sorted(w for w in widths if w % recipe.chunk_size)
         if bad:
             raise PruneError(f"input widths {bad} are not multiples of --chunk-size {recipe.chunk_size}")
-        if recipe.allocation == "uniform":
+        if check_fraction:
             dense_groups_per_chunk(recipe.dense_fraction, recipe.chunk_size)  # raises with the allowed step
     raise PruneError(f"no chunk size in {candidates} divides every input width {sorted(widths)} and holds an "
                      f"even number of dense groups at --dense-fraction {recipe.dense_fraction}")

@@ -23,6 +23,7 @@ CONFIGS = {
     "decode": KernelConfig(16, 64, 128, 32, 1, 4, 2),
     "decode split-k": KernelConfig(16, 64, 64, 16, 3, 4, 2),
     "mid": KernelConfig(64, 128, 64, 16, 1, 4, 2),
+    "decode unpadded": KernelConfig(16, 32, 64, 16, 1, 4, 2, pad_rows=False),
     "gemv": KernelConfig(4, 32, 32, 16, 1, 4, 1, "gemv"),
     "gemv split-k": KernelConfig(4, 16, 16, 8, 3, 4, 1, "gemv"),
     "gemv gather": KernelConfig(4, 8, 32, 16, 2, 4, 1, "gemv", gather_x=True),
