@@ -252,6 +252,7 @@ def prune_weight(recipe: PruneRecipe, weight: torch.Tensor, hessian: torch.Tenso
         return pruned, None
     if scale is None:
         scale = fp8_scales(pruned)
+    # Also after the sweep's rounding: sparsify_weight returns the input's dtype, which may be bf16.
     return fp8_round(pruned, scale), scale
 
 

@@ -19,7 +19,7 @@ Tensors of one layer, stored under the layer's Hugging Face name (``<layer>.<suf
     weight_scale  [N]                float32                   only with ``weight_dtype`` float8_e4m3fn:
                                                                per-output-channel scale of both regions
 
-``G_dense + G_sparse = K / 4``.The dense-group count per chunk is even, so every chunk (and so every
+``G_dense + G_sparse = K / 4``. The dense-group count per chunk is even, so every chunk (and so every
 tensor-parallel shard) holds an even number of 2:4 groups and whole metadata bytes.
 """
 
@@ -273,10 +273,14 @@ def fp8_scales(weight: torch.Tensor) -> torch.Tensor:
     return (weight.detach().abs().amax(dim=1).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
+def fp8_values(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``weight / scale`` per row, rounded to float8_e4m3fn (saturating at FP8_MAX): what FP8 checkpoints store."""
+    return (weight.float() / scale.float()[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
 def fp8_round(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``weight`` rounded to the FP8 grid of its rows' scales (saturating), as float32; zeros stay zero."""
-    scaled = (weight.float() / scale.float()[:, None]).clamp(-FP8_MAX, FP8_MAX)
-    return scaled.to(torch.float8_e4m3fn).float() * scale.float()[:, None]
+    return fp8_values(weight, scale).float() * scale.float()[:, None]
 
 
 def pack(weight: torch.Tensor, dense_mask: torch.Tensor, chunk_size: int, layer: str = "<weight>",
@@ -307,11 +311,9 @@ def pack(weight: torch.Tensor, dense_mask: torch.Tensor, chunk_size: int, layer:
     meta = nibble[:, 0::2] | (nibble[:, 1::2] << 4)
     if weight_scale is None:
         return PackedSpenseWeight(dense.contiguous(), values.contiguous(), meta.contiguous(), dense_mask.clone())
-    scale = weight_scale.float().reshape(n)
-
-    def to_fp8(part: torch.Tensor) -> torch.Tensor:
-        return (part.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).contiguous()
-    return PackedSpenseWeight(to_fp8(dense), to_fp8(values), meta.contiguous(), dense_mask.clone(), scale.clone())
+    scale = weight_scale.float().reshape(n).clone()
+    return PackedSpenseWeight(fp8_values(dense, scale).contiguous(), fp8_values(values, scale).contiguous(),
+                              meta.contiguous(), dense_mask.clone(), scale)
 
 
 def sparse_indices(sparse_meta: torch.Tensor) -> torch.Tensor:
