@@ -9,7 +9,10 @@ down_proj). Variants: ``dense`` (``F.linear``, cuBLAS) and Spense at rho = 0, 0.
 Linear is magnitude-pruned outside a balanced dense region chosen by magnitude
 (``offline.selection.balanced_top_groups``), packed (``format.pack``) and run exactly as the vLLM plugin
 does: ``linear_kernel.process_weights_after_loading`` then ``linear_kernel.apply`` (one
-``torch.ops.spense.linear`` call per Linear). Embeddings and lm_head stay dense in every variant.
+``torch.ops.spense.linear`` call per Linear). FP8 variants (``--variants "dense fp8" "fp8 rho=0.25"``):
+``dense fp8`` is vLLM's FP8 Linear on Hopper (FP8 weights with per-channel scales, activations quantized
+per token, ``torch._scaled_mm``), ``fp8 rho=0.25`` the Spense checkpoint with FP8 values (W8A16 at decode).
+Embeddings and lm_head stay dense in every variant.
 
 Measured, per variant, in one run:
 - decode: one step = one forward of [batch, 1] tokens at position ``--context`` (KV cache full up to it),
@@ -43,12 +46,15 @@ import torch.nn.functional as F
 
 from report_decode import tables
 from vllm_spense import linear_kernel
-from vllm_spense.format import GROUP_SIZE, LAYER_TENSORS, dense_groups_per_chunk, pack, unpack
+from vllm_spense.format import GROUP_SIZE, dense_groups_per_chunk, fp8_scales, fp8_values, pack, unpack
+from vllm_spense.kernels.spense_gemm import quantize_rows_fp8
 from vllm_spense.offline.selection import balanced_top_groups
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 CHUNK_SIZE = 128
-VARIANTS = {"dense": None, "rho=0": 0.0, "rho=0.125": 0.125, "rho=0.25": 0.25}
+# name: (rho, FP8 values); rho None is the dense model.
+VARIANTS = {"dense": (None, False), "rho=0": (0.0, False), "rho=0.125": (0.125, False), "rho=0.25": (0.25, False),
+            "dense fp8": (None, True), "fp8 rho=0.25": (0.25, True)}
 CHECK_BATCHES = (2, 16)  # the MMA decode kernel (batch 1, the gemv kernel: benchmarks/check_kernels_gpu.py)
 # Each Linear against F.linear on the unpacked weight, same input: both accumulate in fp32 and round once.
 LINEAR_TOLERANCE = 2e-2
@@ -86,6 +92,31 @@ class DenseLinear(torch.nn.Module):
         return F.linear(x, self.weight)
 
 
+class DenseFP8Linear(torch.nn.Module):
+    """The FP8 baseline, as vLLM's FP8 Linear runs on Hopper: weights FP8 with per-output-channel scales,
+    activations quantized per token (one fused launch: the Spense kernels' own quantizer over the identity
+    permutation), ``torch._scaled_mm`` (cuBLASLt FP8). On the CPU, torch does the quantization."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        scale = fp8_scales(weight)
+        self.weight = torch.nn.Parameter(fp8_values(weight, scale), requires_grad=False)
+        self.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
+        self.identity = torch.nn.Parameter(torch.arange(weight.shape[1], device=weight.device, dtype=torch.int32),
+                                           requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.is_cuda:
+            xq, x_scale = quantize_rows_fp8(x2, self.identity, x2.shape[0])
+        else:
+            x_scale = fp8_scales(x2)
+            xq = fp8_values(x2, x_scale)
+        y = torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale[:, None], scale_b=self.weight_scale[None, :],
+                             out_dtype=x.dtype)
+        return y.reshape(*x.shape[:-1], -1)
+
+
 def magnitude_spense(weight: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned weight, dense mask): the input groups of largest magnitude kept dense, balanced per chunk,
     magnitude 2:4 elsewhere. One mask for a merged weight, as vLLM's qkv / gate_up need."""
@@ -102,14 +133,14 @@ class SpenseLinear(torch.nn.Module):
     appends the output's relative error against that reference on the same input.
     """
 
-    def __init__(self, weight: torch.Tensor, rho: float, parts: list[tuple[str, int]]):
+    def __init__(self, weight: torch.Tensor, rho: float, parts: list[tuple[str, int]], fp8: bool = False):
         super().__init__()
         pruned, mask = magnitude_spense(weight, rho)
-        packed = pack(pruned, mask, CHUNK_SIZE, parts[0][0])
-        for tensor in LAYER_TENSORS:
-            self.register_parameter(tensor.value, torch.nn.Parameter(getattr(packed, tensor.value),
-                                                                     requires_grad=False))
-        linear_kernel.process_weights_after_loading(self, parts, chunk_size=CHUNK_SIZE)
+        packed = pack(pruned, mask, CHUNK_SIZE, parts[0][0], weight_scale=fp8_scales(pruned) if fp8 else None)
+        for name, tensor in packed.tensors("").items():
+            self.register_parameter(name[1:], torch.nn.Parameter(tensor, requires_grad=False))
+        linear_kernel.process_weights_after_loading(self, parts, chunk_size=CHUNK_SIZE,
+                                                    value_dtype=torch.float8_e4m3fn if fp8 else None)
         self.reference, self.errors = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -210,15 +241,20 @@ def layer_weights(cfg: ModelConfig, generator: torch.Generator, device, dtype):
         yield name, weight, parts
 
 
-def build_model(cfg: ModelConfig, rho: float | None, device, dtype, max_positions: int, seed: int = 0) -> Decoder:
-    """The same random weights for every variant (seeded per layer), pruned and packed when ``rho`` is set;
-    built one layer at a time so only one layer's dense weights exist besides the model."""
+def build_model(cfg: ModelConfig, rho: float | None, device, dtype, max_positions: int, seed: int = 0,
+                fp8: bool = False) -> Decoder:
+    """The same random weights for every variant (seeded per layer), pruned and packed when ``rho`` is set,
+    FP8 values with ``fp8``; built one layer at a time so only one layer's dense weights exist besides the
+    model."""
+    def linear(i, w, parts):
+        if rho is None:
+            return DenseFP8Linear(w) if fp8 else DenseLinear(w)
+        return SpenseLinear(w, rho, [(f"layers.{i}.{p}", r) for p, r in parts], fp8)
+
     blocks = []
     for i in range(cfg.layers):
         generator = torch.Generator(device=device).manual_seed(seed * 1000 + i)
-        linears = {name: DenseLinear(w) if rho is None else SpenseLinear(w, rho, [(f"layers.{i}.{p}", r)
-                                                                                 for p, r in parts])
-                   for name, w, parts in layer_weights(cfg, generator, device, dtype)}
+        linears = {name: linear(i, w, parts) for name, w, parts in layer_weights(cfg, generator, device, dtype)}
         blocks.append(Block(cfg, linears, device, dtype))
     generator = torch.Generator(device=device).manual_seed(seed * 1000 + cfg.layers)
     embed = torch.randn(cfg.vocab, cfg.hidden, generator=generator, device=device, dtype=dtype)
@@ -244,7 +280,7 @@ def tensor_bytes(tensors) -> int:
 
 
 def weight_bytes(model: Decoder) -> dict[str, int]:
-    linears = [m for m in model.modules() if isinstance(m, (DenseLinear, SpenseLinear))]
+    linears = [m for m in model.modules() if isinstance(m, (DenseLinear, DenseFP8Linear, SpenseLinear))]
     return {"linear_bytes": tensor_bytes(p for m in linears for p in m.parameters()),
             "model_bytes": tensor_bytes(model.parameters())}
 
@@ -377,14 +413,17 @@ def free_memory(device: torch.device) -> None:
 
 
 def add_speedups(variants: dict) -> None:
-    """Speedup of every variant over ``dense`` (dense time / variant time), where dense was measured."""
-    dense = variants.get("dense")
-    if dense is None:
-        return
-    for result in variants.values():
-        for kind, key in (("decode", "step_ms"), ("prefill", "ms")):
-            for size, entry in result[kind].items():
-                entry["speedup"] = dense[kind][size][key] / entry[key]
+    """Speedup of every variant over ``dense`` (dense time / variant time), and of the FP8 variants over
+    ``dense fp8`` (``speedup_fp8``), where the baseline was measured."""
+    for baseline, key_out, which in (("dense", "speedup", lambda r: True), ("dense fp8", "speedup_fp8",
+                                                                             lambda r: r.get("fp8"))):
+        base = variants.get(baseline)
+        if base is None:
+            continue
+        for result in filter(which, variants.values()):
+            for kind, key in (("decode", "step_ms"), ("prefill", "ms")):
+                for size, entry in result[kind].items():
+                    entry[key_out] = base[kind][size][key] / entry[key]
 
 
 def parse_args(argv):
@@ -393,7 +432,8 @@ def parse_args(argv):
     parser.add_argument("--tiny", action="store_true", help="a 2-layer, hidden-256 model (CPU smoke run)")
     for field in dataclasses.fields(ModelConfig):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default))
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=[name for name, (_, fp8) in VARIANTS.items() if not fp8],
+                        choices=list(VARIANTS))
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--context", type=int, default=1024, help="tokens already in the KV cache at decode")
     parser.add_argument("--prefill", nargs="*", type=int, default=[2048, 8192])
@@ -425,12 +465,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{cfg}", flush=True)
     begin = time.perf_counter()
     for name in args.variants:
-        rho = VARIANTS[name]
+        rho, fp8 = VARIANTS[name]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         built = time.perf_counter()
-        model = build_model(cfg, rho, device, dtype, max_positions, args.seed)
-        result = {"rho": rho, **weight_bytes(model)}
+        model = build_model(cfg, rho, device, dtype, max_positions, args.seed, fp8)
+        result = {"rho": rho, "fp8": fp8, **weight_bytes(model)}
         print(f"{name}: built in {time.perf_counter() - built:.1f} s, Linear weights "
               f"{result['linear_bytes'] / 2**30:.3f} GiB, model {result['model_bytes'] / 2**30:.3f} GiB", flush=True)
         if rho is not None:

@@ -1,6 +1,7 @@
-"""Spense GEMM vs cuBLAS bf16 vs torch's 2:4 (cuSPARSELt/CUTLASS) on Qwen3 layer shapes.
+"""Spense GEMM vs cuBLAS bf16 vs torch's 2:4 (cuSPARSELt/CUTLASS) on Qwen3 layer shapes; with --fp8,
+Spense FP8 vs dense FP8 (``torch._scaled_mm``).
 
-    python benchmarks/bench_gemm.py --json gemm.json
+    python benchmarks/bench_gemm.py --json gemm.json [--fp8 | --fp8-only]
 
 Every variant runs under a CUDA graph (as vLLM decodes) via ``triton.testing.do_bench_cudagraph``,
 median of the replays. Weights and inputs rotate over enough copies (> 3x L2) that no call reads
@@ -22,6 +23,7 @@ import triton.testing
 
 from benchmarks_common import spense_weight_for
 from vllm_spense.kernels.spense_gemm import spense_gemm
+from vllm_spense.format import fp8_scales
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 SHAPES = {  # name: (N, K)
@@ -45,7 +47,42 @@ def copy_bandwidth() -> float:
 def weight_bytes(w) -> int:
     if isinstance(w, torch.Tensor):
         return w.numel() * w.element_size()
-    return sum(t.numel() * t.element_size() for t in (w.dense_weight, w.sparse_weight, w.sparse_meta))
+    if isinstance(w, tuple):  # dense FP8: values and scales
+        return sum(t.numel() * t.element_size() for t in w)
+    tensors = (w.dense_weight, w.sparse_weight, w.sparse_meta) + ((w.weight_scale,) if w.is_fp8 else ())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def fp8_variants(base: torch.Tensor, copies: int, spense: bool = True) -> dict:
+    """Dense FP8 (``torch._scaled_mm`` on x already quantized per token: the quantization is not timed, so
+    the baseline is a lower bound) and Spense FP8 at rho = 0.125 / 0.25 on the default path, plus at
+    rho = 0.25 the other activation mode of each path: W8A8 (x quantized to FP8, FP8 MMAs) at decode where
+    the default is W8A16, W8A16 at prefill where the default is W8A8. Values: (weights, call, x -> input)."""
+    from vllm_spense.format import fp8_values
+    from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, MMA_MAX_M, UNPACK_AND_CUBLAS,
+                                                 quantize_rows_fp8)
+
+    scale = fp8_scales(base)
+    dense = [(fp8_values(base, scale), scale.clone()) for _ in range(copies)]
+
+    def quantized(x):
+        return quantize_rows_fp8(x, torch.arange(x.shape[1], device=x.device, dtype=torch.int32), x.shape[0])
+
+    def scaled_mm(w, xq):
+        return torch._scaled_mm(xq[0], w[0].t(), scale_a=xq[1][:, None], scale_b=w[1][None, :],
+                                out_dtype=torch.bfloat16)
+
+    variants = {"dense fp8 (_scaled_mm)": (dense, scaled_mm, quantized)}
+    if not spense:
+        return variants
+    for rho in (0.125, 0.25):
+        variants[f"spense fp8 rho={rho}"] = ([spense_weight_for(base, rho, fp8=True) for _ in range(copies)],
+                                             lambda w, x: spense_gemm(x, w), None)
+    w25 = variants["spense fp8 rho=0.25"][0]
+    w8a8_mma = dataclasses.replace(BATCHED_DECODE_MMA, quantize_x=True)
+    variants["spense fp8 rho=0.25 other mode"] = (w25, lambda w, x: spense_gemm(
+        x, w, config=w8a8_mma if x.shape[0] <= MMA_MAX_M else UNPACK_AND_CUBLAS), None)
+    return variants
 
 
 def timed(make_call, weights, xs) -> float:
@@ -53,27 +90,33 @@ def timed(make_call, weights, xs) -> float:
     return triton.testing.do_bench_cudagraph(lambda: make_call(*next(pairs)), rep=30, return_mode="median")
 
 
-def rotating_weights(name: str, rho: float):
+def rotating_weights(name: str, rho: float, fp8: bool = False):
     """(K, Spense weights, dense weights) of one shape: enough copies that L2 never holds the next one."""
     n, k = SHAPES[name]
     base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
     copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))
-    return k, [spense_weight_for(base, rho) for _ in range(copies)], [base.clone() for _ in range(copies)]
+    return k, [spense_weight_for(base, rho, fp8) for _ in range(copies)], [base.clone() for _ in range(copies)]
 
 
-def decode_configs(m: int):
-    """CUDA-core gemv tile configs worth timing at M = 1 (x read through channel_perm in the kernel):
-    rows per program, dense columns / 2:4 groups per step, warps."""
+def decode_configs(m: int, fp8: bool = False):
+    """Tile configs worth timing at decode: at M = 1 the CUDA-core gemv (x read through channel_perm in the
+    kernel; rows per program, dense columns / 2:4 groups per step, warps), larger steps for FP8's 1-byte
+    values; at M > 1 the MMA kernel (FP8: W8A16 and W8A8)."""
     from vllm_spense.kernels.spense_gemm import KernelConfig
 
+    if m > 1:
+        return [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8)
+                for block_n, (kd, g), split_k, w8a8 in itertools.product(
+                    (16, 32, 64), ((128, 64), (256, 128)), (1, 2, 4), (False, True) if fp8 else (False,))]
+    steps = ((512, 256), (1024, 512), (1024, 1024), (2048, 1024)) if fp8 else \
+        ((256, 128), (256, 256), (512, 256), (512, 512), (1024, 512))
     return [KernelConfig(m, block_n, kd, g, 1, warps, 3, "gemv", gather_x=True)
-            for block_n, (kd, g), warps in itertools.product(
-                (4, 8, 16), ((256, 128), (256, 256), (512, 256), (512, 512), (1024, 512)), (4, 8))]
+            for block_n, (kd, g), warps in itertools.product((4, 8, 16), steps, (4, 8))]
 
 
-def sweep_decode(path: str | None) -> None:
-    """Time gemv tile configs on the Qwen3-8B shapes at rho = 0.25 and M = 1 against cuBLAS and the default
-    path (what choose_config encodes); batched decode is ``crossover``'s."""
+def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,)) -> None:
+    """Time decode tile configs (``decode_configs``) on the Qwen3-8B shapes at rho = 0.25 against cuBLAS
+    (and dense FP8 with ``fp8``) and the default path (what choose_config encodes), at each M of ``ms``."""
     from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, choose_config
 
     try:
@@ -84,16 +127,20 @@ def sweep_decode(path: str | None) -> None:
         old = None
     results = []
     for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
-        k, ws, dense_ws = rotating_weights(name, 0.25)
+        k, ws, dense_ws = rotating_weights(name, 0.25, fp8)
         copies = len(ws)
-        for m in (1,):
+        for m in ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-            row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
-                   "default": str(choose_config(m, SHAPES[name][0], k, torch.device("cuda"))),
+            row = {"shape": name, "m": m, "fp8": fp8,
+                   "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
+                   "default": str(choose_config(m, SHAPES[name][0], k, torch.device("cuda"), fp8)),
                    "default_us": timed(lambda w, x: spense_gemm(x, w), ws, xs) * 1e3}
-            if old is not None and m <= 4:
+            if fp8:
+                dense_fp8 = fp8_variants(dense_ws[0], copies, spense=False)["dense fp8 (_scaled_mm)"]
+                row["dense_fp8_us"] = timed(dense_fp8[1], dense_fp8[0], [dense_fp8[2](x) for x in xs]) * 1e3
+            if old is not None and m <= 4 and not fp8:
                 row["old_gemv_us"] = timed(lambda w, x: old.spense_gemm(x, w), ws, xs) * 1e3
-            timings, configs = {}, {str(config): config for config in decode_configs(m)}
+            timings, configs = {}, {str(config): config for config in decode_configs(m, fp8)}
             for config in configs.values():
                 try:
                     timings[str(config)] = timed(lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
@@ -105,7 +152,8 @@ def sweep_decode(path: str | None) -> None:
             row.update(best=best, best_us=timings[best], timings_us=timings,
                        best_rel_error=((got - expected).norm() / expected.norm()).item())
             results.append(row)
-            print(f"sweep {name} m={m}: cuBLAS {row['cublas_us']:.1f} us, default {row['default_us']:.1f} us, "
+            print(f"sweep {name} m={m}: cuBLAS {row['cublas_us']:.1f} us, dense FP8 "
+                  f"{row.get('dense_fp8_us', float('nan')):.1f} us, default {row['default_us']:.1f} us, "
                   f"old gemv {row.get('old_gemv_us', float('nan')):.1f} us, best {timings[best]:.1f} us {best} "
                   f"(error {row['best_rel_error']:.1e})",
                   flush=True)
@@ -153,12 +201,17 @@ def main() -> None:
     parser.add_argument("--ms", nargs="*", type=int, default=MS)
     parser.add_argument("--sweep", help="also time decode tile configs; write them to this JSON file")
     parser.add_argument("--crossover", help="only time MMA vs unpack + cuBLAS for mid-size M; write this JSON file")
+    parser.add_argument("--sweep-ms", nargs="*", type=int, default=[1], help="the M values --sweep times")
+    parser.add_argument("--fp8", action="store_true", help="also time the FP8 variants (fp8_variants)")
+    parser.add_argument("--fp8-only", action="store_true", help="cuBLAS bf16 and the FP8 variants only")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.crossover:
         return crossover(args.crossover)
     if args.sweep:
-        sweep_decode(args.sweep)
+        sweep_decode(args.sweep, args.fp8, tuple(args.sweep_ms))
+        if args.fp8:
+            return None
     bandwidth = copy_bandwidth()
     device = torch.cuda.get_device_name()
     print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
@@ -168,25 +221,28 @@ def main() -> None:
         base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))
         dense_ws = [base.clone() for _ in range(copies)]
-        variants = {"cublas": (dense_ws, lambda w, x: F.linear(x, w))}
-        for rho in RHOS:
+        variants = {"cublas": (dense_ws, lambda w, x: F.linear(x, w), None)}
+        for rho in RHOS if not args.fp8_only else ():
             sw = [spense_weight_for(base, rho) for _ in range(copies)]
-            variants[f"spense rho={rho}"] = (sw, lambda w, x: spense_gemm(x, w))
+            variants[f"spense rho={rho}"] = (sw, lambda w, x: spense_gemm(x, w), None)
         try:
             from torch.sparse import to_sparse_semi_structured
 
-            w24 = magnitude_2_4(base)
-            variants["torch 2:4"] = ([to_sparse_semi_structured(w24.clone()) for _ in range(copies)],
-                                     lambda w, x: F.linear(x, w))
+            if not args.fp8_only:
+                w24 = magnitude_2_4(base)
+                variants["torch 2:4"] = ([to_sparse_semi_structured(w24.clone()) for _ in range(copies)],
+                                         lambda w, x: F.linear(x, w), None)
         except (RuntimeError, ValueError) as error:  # the row then says n/a
             print(f"torch 2:4 unavailable for {name}: {error}")
+        if args.fp8 or args.fp8_only:
+            variants.update(fp8_variants(base, copies))
         for m in args.ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, copies // 2))]
             io_bytes = 2 * m * (k + n)
             result = {"shape": name, "n": n, "k": k, "m": m}
-            for label, (ws, call) in variants.items():
+            for label, (ws, call, convert) in variants.items():
                 try:
-                    ms = timed(call, ws, xs)
+                    ms = timed(call, ws, [convert(x) for x in xs] if convert else xs)
                 except Exception as error:  # noqa: BLE001
                     print(f"{label} {name} m={m}: {error}")
                     continue

@@ -1,4 +1,5 @@
-"""GPU correctness of the fused Spense GEMM: bf16 and fp16, every dispatch path, against fp64 math.
+"""GPU correctness of the fused Spense GEMM: bf16 and fp16 activations, 16-bit and FP8 weights, every
+dispatch path, against fp64 math (W8A8 paths: on x rounded per row to FP8 as format.fp8_round does).
 
     python benchmarks/check_kernels_gpu.py [--quick]
     compute-sanitizer --tool memcheck python benchmarks/check_kernels_gpu.py --quick
@@ -9,12 +10,14 @@ Fresh random inputs each case, output poisoned with NaN before each call, relati
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import torch
 
-from vllm_spense.format import GROUP_SIZE, pack
-from vllm_spense.kernels.spense_gemm import KernelConfig, SpenseGemmWeight, choose_config, spense_gemm
+from vllm_spense.format import GROUP_SIZE, fp8_round, fp8_scales, pack
+from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
+                                             choose_config, spense_gemm)
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 SHAPES = [(6144, 4096, 8), (4096, 12288, 4), (2560, 5120, 0), (1000, 640, 16), (37, 256, 2)]
@@ -24,17 +27,22 @@ QUICK_SHAPES = [(1000, 640, 16), (37, 256, 2)]
 QUICK_MS = [1, 3, 17, 100, 300]
 
 
-def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype):
+def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: bool = False):
+    """(weight, packed): with ``fp8`` the weight (float32) is on the FP8 grid of its rows' scales, packed FP8."""
     mask = torch.zeros(k // 128, 32, dtype=torch.bool)
     for chunk in mask:
         chunk[torch.randperm(32)[:dense_per_chunk]] = True
     mask = mask.reshape(-1).cuda()
-    weight = torch.randn(n, k, device="cuda", dtype=dtype)
+    weight = torch.randn(n, k, device="cuda", dtype=torch.float32 if fp8 else dtype)
     groups = weight.view(n, -1, GROUP_SIZE)
     drop = torch.rand(groups.shape, device="cuda").argsort(-1)[..., :2]
     zeroed = torch.zeros_like(groups).scatter_(-1, drop, 1).bool() & ~mask[None, :, None]
     groups[zeroed] = 0
-    return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128))
+    if not fp8:
+        return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128))
+    scale = fp8_scales(weight * torch.rand(n, 1, device="cuda"))
+    weight = fp8_round(weight, scale)
+    return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128, weight_scale=scale))
 
 
 def main(quick: bool = False) -> int:
@@ -45,23 +53,31 @@ def main(quick: bool = False) -> int:
     forced_gemv = {"gemv split-k": KernelConfig(4, 32, 64, 32, 4, 4, 3, "gemv"),
                    "gemv no-split": KernelConfig(4, 64, 64, 16, 1, 4, 3, "gemv"),
                    "gemv gather": KernelConfig(4, 8, 128, 64, 2, 4, 3, "gemv", gather_x=True)}
-    for dtype in (torch.bfloat16, torch.float16):
+    # FP8 values: the other activation mode of each path is forced too (W8A8 MMA at decode, W8A16 at prefill).
+    forced_fp8 = {"w8a8 mma": dataclasses.replace(BATCHED_DECODE_MMA, quantize_x=True),
+                  "w8a8 mma split-k": KernelConfig(16, 64, 128, 32, 4, 4, 4, quantize_x=True)}
+    for dtype, fp8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
+                       (torch.float16, True)):
         for n, k, dense in shapes:
-            weight, gemm = random_case(n, k, dense, dtype)
+            weight, gemm = random_case(n, k, dense, dtype, fp8)
             bias = torch.randn(n, device="cuda", dtype=dtype)
             ref_w = weight.double()
             for m in ms:
                 paths = {"auto": None, **(forced if m <= 64 else {}), **(forced_gemv if m <= 4 else {})}
+                if fp8:
+                    paths.update(forced_fp8 if m <= 64 else {"w8a16 unpack": UNPACK_AND_CUBLAS})
                 for path, config in paths.items():
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                     spense_gemm(x, gemm, bias, config=config, out=out)
                     torch.cuda.synchronize()
-                    ref = x.double() @ ref_w.t() + bias.double()
+                    used = config or choose_config(m, n, k, x.device, fp8)
+                    w8a8 = fp8 and used.quantize_x
+                    x_ref = fp8_round(x.float(), fp8_scales(x.float())) if w8a8 else x
+                    ref = x_ref.double() @ ref_w.t() + bias.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
-                    used = config or choose_config(m, n, k, x.device)
-                    key = (f"{str(dtype)[6:]} {used.kernel} block_m={used.block_m} split_k>1={used.split_k > 1}"
-                           f"{' gather' if used.gather_x else ''}")
+                    key = (f"{str(dtype)[6:]}{' fp8 W8A8' if w8a8 else ' fp8 W8A16' if fp8 else ''} {used.kernel} "
+                           f"block_m={used.block_m} split_k>1={used.split_k > 1}{' gather' if used.gather_x else ''}")
                     worst[key] = max(worst.get(key, 0.0), err)
                     if not (err < TOLERANCE[dtype]) or not torch.isfinite(out).all():
                         failures += 1

@@ -2,7 +2,7 @@
 
     python benchmarks/check_plugin_gpu.py
 
-A layer holding the four Spense tensors, as vLLM's loaders leave it, goes through
+A layer holding the four Spense tensors (five with FP8 values), as vLLM's loaders leave it, goes through
 ``linear_kernel.process_weights_after_loading`` (validation, channel map) and ``linear_kernel.apply``
 (one ``torch.ops.spense.linear`` call): eagerly, under ``torch.compile(fullgraph=True)``, replayed from a
 CUDA graph with fresh inputs copied in, and through ``torch.library.opcheck``. Every output is compared
@@ -16,7 +16,7 @@ import sys
 import torch
 
 from vllm_spense import linear_kernel
-from vllm_spense.format import LAYER_TENSORS, pack, unpack
+from vllm_spense.format import fp8_scales, pack, unpack
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -25,16 +25,20 @@ MS = [1, 8, 100, 2048]
 GRAPH_MS = [1, 8]
 
 
-def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
+def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype,
+                 fp8: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A layer as vLLM's loaders leave it (FP8 values + weight_scale with ``fp8``) and its weight in fp64."""
     mask = torch.zeros(k // 128, 32, dtype=torch.bool, device="cuda")
     for chunk in mask:
         chunk[torch.randperm(32, device="cuda")[:dense_per_chunk]] = True
     mask = mask.reshape(-1)
-    packed = pack(magnitude_2_4(torch.randn(n, k, device="cuda", dtype=dtype), mask), mask, 128)
+    pruned = magnitude_2_4(torch.randn(n, k, device="cuda", dtype=dtype), mask)
+    packed = pack(pruned, mask, 128, weight_scale=fp8_scales(pruned) if fp8 else None)
     layer = torch.nn.Module()
-    for tensor in LAYER_TENSORS:
-        layer.register_parameter(tensor.value, torch.nn.Parameter(getattr(packed, tensor.value), requires_grad=False))
-    linear_kernel.process_weights_after_loading(layer, [("layer", n)], chunk_size=128)
+    for name, tensor in packed.tensors("").items():
+        layer.register_parameter(name[1:], torch.nn.Parameter(tensor, requires_grad=False))
+    linear_kernel.process_weights_after_loading(layer, [("layer", n)], chunk_size=128,
+                                                value_dtype=torch.float8_e4m3fn if fp8 else None)
     return layer, unpack(packed).double()
 
 
@@ -54,13 +58,16 @@ def main() -> int:
         failures += not ok
         rows.append(f"| {str(dtype)[6:]} | {name} | {mode} | {m} | {err:.2e} | {'ok' if ok else 'FAIL'} |")
 
-    for dtype in (torch.bfloat16, torch.float16):
-        for name, (n, k, dense) in LAYERS.items():
-            layer, weight = spense_layer(n, k, dense, dtype)
+    # FP8 checkpoints at prefill quantize x per token (W8A8): their reference there is not exact, so they
+    # are checked at the decode sizes only (check_kernels_gpu.py checks W8A8 against a rounded x).
+    for dtype, fp8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
+        for label, (n, k, dense) in LAYERS.items():
+            name = f"{label}{' fp8' if fp8 else ''}"
+            layer, weight = spense_layer(n, k, dense, dtype, fp8)
             bias = torch.randn(n, device="cuda", dtype=dtype)
             torch._dynamo.reset()  # one compiled function per layer; M becomes a dynamic size as in vLLM
             compiled = torch.compile(lambda x, b: linear_kernel.apply(layer, x, b), fullgraph=True)
-            for m in MS:
+            for m in MS if not fp8 else GRAPH_MS:
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 ref = x.double() @ weight.T + bias.double()
                 record(dtype, name, "eager", m, rel_err(linear_kernel.apply(layer, x, bias), ref))

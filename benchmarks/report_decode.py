@@ -10,7 +10,9 @@ import json
 
 
 def _speedup(entry: dict) -> str:
-    return f"{entry['speedup']:.2f}x" if "speedup" in entry else "n/a"
+    """Over dense bf16, and for FP8 variants also over dense FP8."""
+    text = f"{entry['speedup']:.2f}x" if "speedup" in entry else "n/a"
+    return text + (f"; {entry['speedup_fp8']:.2f}x vs dense fp8" if "speedup_fp8" in entry else "")
 
 
 def _check(check: dict) -> str:

@@ -32,10 +32,48 @@ def targets(rows: list[dict]) -> str:
     decode = [r["spense rho=0.25"]["speedup"] for r in rows if r["shape"] in DECODE_SHAPES and r["m"] <= 16]
     floors = [r["spense rho=0.25"]["floor_fraction"] for r in rows if r["shape"] in DECODE_SHAPES and r["m"] <= 16]
     prefill = [r["spense rho=0.25"]["speedup"] for r in rows if r["m"] >= 2048]
-    geo = math.exp(sum(map(math.log, decode)) / len(decode))
+    geo = _geomean(decode)
     return (f"decode (8B shapes, M <= 16, rho = 0.25): geometric-mean speedup {geo:.2f}x (target 1.5x); "
             f"fraction of the bandwidth floor {min(floors):.0%}-{max(floors):.0%} (target >= 80%). "
             f"prefill (all shapes, M >= 2048, rho = 0.25): {min(prefill):.2f}x-{max(prefill):.2f}x (target >= 1.0x).")
+
+
+FP8 = ["dense fp8 (_scaled_mm)", "spense fp8 rho=0.125", "spense fp8 rho=0.25", "spense fp8 rho=0.25 other mode"]
+
+
+def fp8_table(rows: list[dict]) -> str:
+    """The FP8 rows (bench_gemm.py --fp8): microseconds and speedup over dense FP8 and over cuBLAS bf16."""
+    rows = [r for r in rows if FP8[0] in r]
+    if not rows:
+        return ""
+    lines = ["| shape | M | cuBLAS bf16 us | dense FP8 us | " + " | ".join(
+        f"{label[6:]} us (x dense FP8, x bf16)" for label in FP8[1:]) + " |", "|" + " --- |" * (3 + len(FP8))]
+    for row in rows:
+        fp8 = row[FP8[0]]["ms"]
+        cells = [row["shape"], str(row["m"]), f"{row['cublas']['ms'] * 1e3:.1f}", f"{fp8 * 1e3:.1f}"]
+        for label in FP8[1:]:
+            v = row[label]
+            cells.append(f"{v['ms'] * 1e3:.1f} ({fp8 / v['ms']:.2f}x, {v['speedup']:.2f}x)")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def fp8_targets(rows: list[dict]) -> str:
+    """Issue 8's targets: Spense FP8 at rho = 0.25, 8B shapes, M <= 16, over dense FP8 and cuBLAS bf16."""
+    decode = [r for r in rows if FP8[0] in r and r["shape"] in DECODE_SHAPES and r["m"] <= 16]
+    if not decode:
+        return ""
+    over_fp8 = [r[FP8[0]]["ms"] / r["spense fp8 rho=0.25"]["ms"] for r in decode]
+    over_bf16 = [r["spense fp8 rho=0.25"]["speedup"] for r in decode]
+    prefill = [r[FP8[0]]["ms"] / r["spense fp8 rho=0.25"]["ms"] for r in rows if FP8[0] in r and r["m"] >= 2048]
+    return (f"FP8 decode (8B shapes, M <= 16, rho = 0.25): geometric mean {_geomean(over_fp8):.2f}x over dense FP8 "
+            f"(range {min(over_fp8):.2f}-{max(over_fp8):.2f}x, target 1.3x), {_geomean(over_bf16):.2f}x over cuBLAS "
+            f"bf16 (range {min(over_bf16):.2f}-{max(over_bf16):.2f}x, target 2x). FP8 prefill (M >= 2048): "
+            f"{min(prefill):.2f}-{max(prefill):.2f}x over dense FP8.")
 
 
 def plot(rows: list[dict], path: str, device: str) -> None:
@@ -75,6 +113,11 @@ def main() -> None:
     print(table(data["rows"]))
     print()
     print(targets(data["rows"]))
+    if fp8_table(data["rows"]):
+        print()
+        print(fp8_table(data["rows"]))
+        print()
+        print(fp8_targets(data["rows"]))
     if args.png:
         plot(data["rows"], args.png, data["device"])
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine (the CUDA image: torch, triton, transformers).
-# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|sweep|crossover|gemm|prune|decode ...]   (default: check plugin gemm prune)
+# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|sweep|sweep_fp8|sweep_mma|crossover|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
 set -uo pipefail
 out=${1:-/tmp/spense-gpu}; shift || true
 steps=${*:-check plugin gemm prune}
@@ -20,11 +20,16 @@ for step in $steps; do
               "$sanitizer" --tool memcheck --leak-check no python3 "$src/benchmarks/check_kernels_gpu.py" --quick 2>&1 \
                 | tail -n 60 | tee "$out/memcheck.txt"; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     report) python3 "$src/benchmarks/kernel_report.py" 2>&1 | tee "$out/kernel_report.txt" || status=1 ;;
+    sweep_fp8) python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_fp8.json" --sweep-ms 1 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
+    sweep_mma) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep_mma.json" --sweep-ms 8 --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1
+               python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_mma_fp8.json" --sweep-ms 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
     sweep) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep.json" --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
-    gemm)  python3 "$src/benchmarks/bench_gemm.py" --json "$out/bench_gemm.json" 2>&1 | tail -n 200 > "$out/bench_gemm.log" || status=1 ;;
+    gemm)  python3 "$src/benchmarks/bench_gemm.py" --fp8 --json "$out/bench_gemm.json" 2>&1 | tail -n 200 > "$out/bench_gemm.log" || status=1 ;;
     prune) python3 "$src/benchmarks/bench_prune.py" --json "$out/bench_prune.json" 2>&1 | grep -v "pruning:" | tee "$out/bench_prune.log" || status=1 ;;
     crossover) python3 "$src/benchmarks/bench_gemm.py" --crossover "$out/crossover.json" 2>&1 | grep crossover || status=1 ;;
     decode) python3 "$src/benchmarks/bench_decode.py" --json "$out/bench_decode.json" 2>&1 | tee "$out/bench_decode.log" || status=1 ;;
+    decode_fp8) python3 "$src/benchmarks/bench_decode.py" --variants dense "rho=0.25" "dense fp8" "fp8 rho=0.25" \
+                  --json "$out/bench_decode_fp8.json" 2>&1 | tee "$out/bench_decode_fp8.log" || status=1 ;;
   esac
 done
 exit $status

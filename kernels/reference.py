@@ -3,7 +3,8 @@
 Shapes: ``x [..., K]``; dense_weight ``[N, 4*G_dense]``; sparse_weight ``[N, 2*G_sparse]``; sparse_meta
 ``[N, G_sparse/2]`` uint8; dense_mask ``[K/4]`` bool (vllm_spense/format.py). The dense region is a plain
 matmul on the gathered dense input channels; the 2:4 region gathers, for every output row, the two
-input channels each group kept. It never rebuilds W, so it is an independent check of ``unpack``.
+input channels each group kept; FP8 values are multiplied as stored and the product by their per-channel
+``weight_scale``. It never rebuilds W, so it is an independent check of ``unpack``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ def spense_linear(x: torch.Tensor, packed: PackedSpenseWeight, bias: torch.Tenso
             stop = min(start + _ROWS_PER_STEP, n)
             gathered = x_sparse[:, flat[start:stop]]  # [M, rows, 2*Gs]
             y[:, start:stop] += (gathered * values[start:stop]).sum(-1)
+    if packed.weight_scale is not None:  # FP8 values: one scale per output channel covers both regions
+        y = y * packed.weight_scale.to(y.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, n)

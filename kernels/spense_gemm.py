@@ -26,6 +26,12 @@ M > ``MMA_MAX_M`` (batched decode and prefill): cuBLAS multiplies the permuted a
 by ``dense_weight`` as stored, then ``_spense_expand_kernel`` writes the 2:4 region as a dense
 ``[N, 4 * GS]`` temporary (contiguous reads and writes) and a second cuBLAS call adds its product.
 
+FP8 values (``weight_scale [N]`` float32 beside them) take the same paths: decoded in registers and
+converted to x's dtype (W8A16) at decode, the per-channel scale applied once at the store; at prefill the
+expansion writes all of W as FP8 bytes and ``torch._scaled_mm`` multiplies it with x quantized per row
+(W8A8, ``_quantize_rows_kernel``). ``KernelConfig.quantize_x`` switches an MMA or prefill config between
+the two.
+
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
 bound by the weight bytes read (0.67x dense at rho = 0.25), which is where a speedup has to come from.
 Measured status against cuBLAS and that floor: docs/KERNELS.md.
@@ -47,11 +53,15 @@ from vllm_spense.kernels.reference import group_channels
 def _load_2_4_tile(pairs_ptr, meta_ptr, offs_n, gg, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr):
     """Kept values and positions of a [BLOCK_N, BLOCK_G] tile of 2:4 groups.
 
-    Each group's two values are read as one word (int32 for 16-bit values, int64 for fp32): one
-    contiguous, vectorisable load instead of two strided ones. Returns (first, second, i0, i1).
+    Each group's two values are read as one word (int16 for FP8, int32 for 16-bit values, int64 for fp32):
+    one contiguous, vectorisable load instead of two strided ones. Returns (first, second, i0, i1); with
+    ``VALUE_DTYPE`` int8 (FP8 values) the values are their bytes.
     """
     words = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + gg[None, :], mask=mask, other=0)
-    if VALUE_DTYPE == tl.float32:
+    if VALUE_DTYPE == tl.int8:
+        first = words.to(tl.int8)
+        second = (words >> 8).to(tl.int8)
+    elif VALUE_DTYPE == tl.float32:
         first = words.to(tl.int32).to(tl.float32, bitcast=True)
         second = (words >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     else:
@@ -64,8 +74,13 @@ def _load_2_4_tile(pairs_ptr, meta_ptr, offs_n, gg, mask, stride_pn, stride_meta
 
 @triton.jit
 def _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om,
-                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Bias (added once, by the first K slice), then a store, or an fp32 atomic add when K is split."""
+                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, w_scale_ptr=None, x_scale_ptr=None):
+    """FP8 scales (per output channel of W, per row of a quantized x), bias (added once, by the first K
+    slice), then a store, or an fp32 atomic add when K is split."""
+    if w_scale_ptr is not None:
+        acc *= tl.load(w_scale_ptr + offs_n, mask=mask_n, other=1.0)[None, :]
+    if x_scale_ptr is not None:
+        acc *= tl.load(x_scale_ptr + offs_m, mask=mask_m, other=1.0)[:, None]
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -88,8 +103,11 @@ def _spense_gemm_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
-    PADDED_M: tl.constexpr = False,
+    PADDED_M: tl.constexpr = False, w_scale_ptr=None, x_scale_ptr=None,
 ):
+    """FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
+    quantized per row to FP8 (``x_scale_ptr`` set), multiplied as FP8 on the tensor cores (W8A8); the
+    scales multiply the accumulator once, at the store."""
     pid_m = tl.program_id(0)  # the M tiles of one N tile run side by side and share its weights through L2
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -107,7 +125,7 @@ def _spense_gemm_kernel(
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
                     mask=(mask_m[:, None] | PADDED_M) & mask_k[None, :], other=0.0)
         w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :],
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         if FP32_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -121,8 +139,13 @@ def _spense_gemm_kernel(
     offs_c = tl.arange(0, 4 * BLOCK_G)
     for p0 in range(pid_k * BLOCK_P, GP, SPLIT_K * BLOCK_P):
         pp = p0 + offs_p
-        w = _expand_pairs(*_load_2_4_pairs(sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & (pp < GP)[None, :],
-                                           stride_swn, stride_metan, dense_w_ptr.dtype.element_ty))
+        pair_mask = mask_n[:, None] & (pp < GP)[None, :]
+        if x_scale_ptr is not None:  # W8A8: expand the FP8 bytes, then read the tile as FP8
+            w = _expand_pairs(*_load_2_4_pairs(sparse_w_ptr, meta_ptr, offs_n, pp, pair_mask, stride_swn, stride_metan,
+                                               dense_w_ptr.dtype.element_ty, tl.int8)).to(tl.float8e4nv, bitcast=True)
+        else:
+            w = _expand_pairs(*_load_2_4_pairs(sparse_w_ptr, meta_ptr, offs_n, pp, pair_mask, stride_swn, stride_metan,
+                                               dense_w_ptr.dtype.element_ty, x_ptr.dtype.element_ty))
         cols = KD + 8 * p0 + offs_c
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                     mask=(mask_m[:, None] | PADDED_M) & (cols < KD + 4 * GS)[None, :], other=0.0)
@@ -131,19 +154,37 @@ def _spense_gemm_kernel(
         else:
             acc = tl.dot(x, tl.trans(w), acc)
 
-    _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+    _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
+                  w_scale_ptr, x_scale_ptr)
 
 
 @triton.jit
-def _load_2_4_pairs(pairs_ptr, meta_ptr, offs_n, pp, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr):
+def _fp8_bits_as(bits, OUT_DTYPE: tl.constexpr):
+    """int8 bytes of float8_e4m3fn values as OUT_DTYPE numbers, or unchanged (the bytes) for OUT_DTYPE int8."""
+    if OUT_DTYPE == tl.int8:
+        return bits
+    else:
+        return bits.to(tl.float8e4nv, bitcast=True).to(OUT_DTYPE)
+
+
+@triton.jit
+def _load_2_4_pairs(pairs_ptr, meta_ptr, offs_n, pp, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr,
+                    OUT_DTYPE: tl.constexpr):
     """Kept values and positions of a [BLOCK_N, BLOCK_P] tile of 2:4 group *pairs* (groups 2p and 2p+1).
 
-    A pair's four values are one 8-byte word for 16-bit values (two for fp32) and its two index nibbles
-    one metadata byte, so every load is contiguous along the row and nothing is read twice. Returns the
-    first and second kept values and the two positions of group 2p, then of group 2p + 1.
+    A pair's four values are one 4-byte word for FP8, one 8-byte word for 16-bit values (two for fp32) and
+    its two index nibbles one metadata byte, so every load is contiguous along the row and nothing is read
+    twice. Returns the first and second kept values and the two positions of group 2p, then of group
+    2p + 1. FP8 values come back as ``OUT_DTYPE`` (``_fp8_bits_as``); other values as stored.
     """
     byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + pp[None, :], mask=mask, other=0x44).to(tl.int32)
-    if VALUE_DTYPE == tl.float32:  # one int64 word per group
+    if VALUE_DTYPE == tl.float8e4nv:  # one int32 word per pair: bytes a0, a1 (group 2p), b0, b1 (group 2p + 1)
+        word = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + pp[None, :], mask=mask, other=0)
+        a0 = _fp8_bits_as(word.to(tl.int8), OUT_DTYPE)
+        a1 = _fp8_bits_as((word >> 8).to(tl.int8), OUT_DTYPE)
+        b0 = _fp8_bits_as((word >> 16).to(tl.int8), OUT_DTYPE)
+        b1 = _fp8_bits_as((word >> 24).to(tl.int8), OUT_DTYPE)
+    elif VALUE_DTYPE == tl.float32:  # one int64 word per group
         lo = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + 2 * pp[None, :], mask=mask, other=0)
         hi = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + 2 * pp[None, :] + 1, mask=mask, other=0)
         a0 = lo.to(tl.int32).to(tl.float32, bitcast=True)
@@ -216,7 +257,8 @@ def _gemv_sparse_step(acc_s, p0, x_ptr, sparse_w_ptr, meta_ptr, perm_ptr, offs_m
     pp = p0 + tl.arange(0, BLOCK_P)
     mask_p = pp < GP
     a0, a1, ai0, ai1, b0, b1, bi0, bi1 = _load_2_4_pairs(
-        sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & mask_p[None, :], stride_swn, stride_metan, VALUE_DTYPE)
+        sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & mask_p[None, :], stride_swn, stride_metan, VALUE_DTYPE,
+        tl.float32)
     x_mask = mask_m[:, None] & mask_p[None, :]
     if GATHER_X:  # a 2:4 group is four consecutive input channels: one index per group
         col_a = tl.load(perm_ptr + KD + 8 * pp, mask=mask_p, other=0)
@@ -236,13 +278,14 @@ def _spense_gemv_kernel(
     stride_xm, stride_dwn, stride_swn, stride_metan, stride_om,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
-    perm_ptr=None, GATHER_X: tl.constexpr = False,
+    perm_ptr=None, GATHER_X: tl.constexpr = False, w_scale_ptr=None,
 ):
     """Decode (M <= BLOCK_M, a few rows): CUDA-core FMAs, no MMA and so no register-layout conversions.
 
     All M rows live in one program; partial products stay in [BLOCK_M, BLOCK_N, columns] fp32 tiles that
     are reduced once at the end. The 2:4 region is walked in pairs of groups (``_load_2_4_pairs``):
-    ``sparse_w_ptr`` is the int64 view of ``sparse_weight`` (one word per pair, or per group for fp32).
+    ``sparse_w_ptr`` is ``sparse_weight`` seen as one word per pair (``pair_words``). FP8 values are
+    converted to fp32 as loaded (W8A16) and scaled once at the store.
     With ``GATHER_X`` the kernel reads ``x`` in its own channel order through ``perm_ptr`` (channel_perm)
     instead of a permuted copy.
     """
@@ -264,32 +307,81 @@ def _spense_gemv_kernel(
         acc_s = _gemv_sparse_step(acc_s, p0, x_ptr, sparse_w_ptr, meta_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n,
                                   KD, GP, stride_xm, stride_swn, stride_metan, value_dtype, BLOCK_P, GATHER_X)
     acc = tl.sum(acc_d, axis=2) + tl.sum(acc_s, axis=2)
-    _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K)
+    _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
+                  w_scale_ptr)
 
 
 @triton.jit
 def _spense_expand_kernel(
-    sparse_w_ptr, meta_ptr, out_ptr,
-    N, GS,
-    stride_swn, stride_metan, stride_on,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    dense_w_ptr, sparse_w_ptr, meta_ptr, w_scale_ptr, out_ptr,
+    N, KD, GS,
+    stride_dwn, stride_swn, stride_metan, stride_on,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, VALUE_DTYPE: tl.constexpr, WITH_DENSE: tl.constexpr,
 ):
-    """The 2:4 region as a dense ``[N, 4 * GS]`` matrix for the prefill path: 2:4 group after group in their
-    permuted order (the columns ``x[:, channel_perm][:, KD:]`` meets), zeros at the pruned positions.
-    Contiguous reads and contiguous writes; the dense region needs no copy at all."""
+    """W as a dense matrix in the permuted channel order (the columns ``x[:, channel_perm]`` meets) for the
+    prefill path, zeros at the pruned positions; contiguous reads and writes.
+
+    16/32-bit values: only the 2:4 region (``[N, 4 * GS]``); cuBLAS reads the dense region as stored.
+    FP8 (``WITH_DENSE``, values as int8 bytes): the dense region's KD columns first, then the 2:4 region,
+    ``[N, KD + 4 * GS]``: FP8 bytes for ``torch._scaled_mm`` or, with ``w_scale_ptr``, dequantized values.
+    """
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    gg = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)
     mask_n = offs_n < N
-    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, gg, mask_n[:, None] & (gg < GS)[None, :],
-                                           stride_swn, stride_metan, out_ptr.dtype.element_ty)
+    cols = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
+    gg = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)  # groups of the output; past the dense ones with WITH_DENSE
+    if WITH_DENSE:
+        gg -= KD // 4
+    in_2_4 = (gg >= 0) & (gg < GS)
+    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, tl.maximum(gg, 0),
+                                           mask_n[:, None] & in_2_4[None, :], stride_swn, stride_metan, VALUE_DTYPE)
     w0, w1, w2, w3 = _expand_group(first, second, i0, i1)
     # join(join(w0, w2), join(w1, w3))[n, g, a, b] holds position 2a + b: reshaped, positions 0..3 in order.
     tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * BLOCK_G))
-    cols = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
-    tl.store(out_ptr + offs_n[:, None] * stride_on + cols[None, :], tile,
-             mask=mask_n[:, None] & (cols < 4 * GS)[None, :])
+    width = 4 * GS
+    if WITH_DENSE:
+        dense = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + cols[None, :],
+                        mask=mask_n[:, None] & (cols < KD)[None, :], other=0)
+        tile = tl.where((cols < KD)[None, :], dense, tile)
+        width += KD
+    if w_scale_ptr is not None:  # FP8 bytes -> dequantized values
+        tile = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.load(
+            w_scale_ptr + offs_n, mask=mask_n, other=1.0)[:, None]
+    tl.store(out_ptr + offs_n[:, None] * stride_on + cols[None, :], tile.to(out_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (cols < width)[None, :])
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """fp32 values in [-448, 448] rounded to nearest-even on the float8_e4m3fn grid, still fp32 (so the cast
+    after is exact). Done by hand because Triton's CPU interpreter drops the carry when rounding overflows
+    the mantissa (126.1 -> 64 instead of 128); the GPU's own conversion rounds the same way as this."""
+    exponent = tl.maximum(((v.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # e4m3: normal down to 2^-6
+    ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
+    magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
+    return ((v / ulp + magic) - magic) * ulp
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, perm_ptr, out_ptr, scale_ptr, K, stride_xm, stride_om, BLOCK_K: tl.constexpr):
+    """One row of x per program, read through ``channel_perm``: its scale (largest magnitude / 448, as
+    ``format.fp8_scales``) and its values over that scale, rounded to float8_e4m3fn (W8A8)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs
+        cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
+        amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_xm + cols, mask=kk < K, other=0.0).to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1.1754943508222875e-38)
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs
+        cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
+        x = tl.load(x_ptr + row * stride_xm + cols, mask=kk < K, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + kk, _round_to_e4m3(tl.clamp(x / scale, -448.0, 448.0)).to(tl.float8e4nv),
+                 mask=kk < K)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +389,8 @@ class SpenseGemmWeight:
     """The packed tensors plus the channel maps, built once per weight (``process_weights_after_loading``).
 
     ``channel_perm [K]`` lists the dense channels, then the 2:4 channels: ``x[:, channel_perm]`` is the
-    activation layout the fused kernel reads with plain contiguous loads.
+    activation layout the fused kernel reads with plain contiguous loads. FP8 checkpoints add
+    ``weight_scale [N]`` float32 (values are float8_e4m3fn).
     """
 
     dense_weight: torch.Tensor
@@ -308,26 +401,39 @@ class SpenseGemmWeight:
     channel_perm: torch.Tensor
     n: int
     k: int
+    weight_scale: torch.Tensor | None = None
 
     @property
-    def sparse_pairs(self) -> torch.Tensor:
-        """sparse_weight seen as one word per 2:4 group (its two values): int32 for 16-bit, int64 for fp32."""
-        return self.sparse_weight.view(torch.int64 if self.sparse_weight.dtype == torch.float32 else torch.int32)
+    def is_fp8(self) -> bool:
+        return self.weight_scale is not None
+
+    @property
+    def group_words(self) -> torch.Tensor:
+        """sparse_weight as one word per 2:4 group (its two values): int16 for FP8, int32 for 16-bit values,
+        int64 for fp32: what the expansion kernel loads."""
+        size = self.sparse_weight.element_size()
+        return self.sparse_weight.view({1: torch.int16, 2: torch.int32, 4: torch.int64}[size])
+
+    @property
+    def pair_words(self) -> torch.Tensor:
+        """sparse_weight as one word per *pair* of 2:4 groups (int32 for FP8, int64 for 16-bit values) or,
+        for fp32, one int64 word per group: what the decode kernels load."""
+        return self.sparse_weight.view(torch.int32 if self.is_fp8 else torch.int64)
 
     @classmethod
     def from_packed(cls, packed: PackedSpenseWeight) -> "SpenseGemmWeight":
         dense_ch, sparse_ch = group_channels(packed.dense_mask)
-        n, k = packed.shape
         return cls.from_channel_perm(packed.dense_weight, packed.sparse_weight, packed.sparse_meta,
-                                     torch.cat((dense_ch, sparse_ch)).to(torch.int32))
+                                     torch.cat((dense_ch, sparse_ch)).to(torch.int32), packed.weight_scale)
 
     @classmethod
     def from_channel_perm(cls, dense_weight: torch.Tensor, sparse_weight: torch.Tensor, sparse_meta: torch.Tensor,
-                          channel_perm: torch.Tensor) -> "SpenseGemmWeight":
+                          channel_perm: torch.Tensor, weight_scale: torch.Tensor | None = None) -> "SpenseGemmWeight":
         """From the packed tensors and ``channel_perm`` (int32): what the custom op receives."""
         kd = dense_weight.shape[1]
         return cls(dense_weight.contiguous(), sparse_weight.contiguous(), sparse_meta.contiguous(),
-                   channel_perm[:kd], channel_perm[kd:], channel_perm, dense_weight.shape[0], channel_perm.numel())
+                   channel_perm[:kd], channel_perm[kd:], channel_perm, dense_weight.shape[0], channel_perm.numel(),
+                   weight_scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +448,7 @@ class KernelConfig:
     kernel: str = "mma"  # "gemv" (CUDA-core FMAs, tiny M), "mma" (fused tl.dot) or "unpack" (+ cuBLAS)
     gather_x: bool = False  # gemv only: read x through channel_perm in the kernel instead of a permuted copy
     pad_rows: bool = True  # mma only: pad the permuted x to whole BLOCK_M-row tiles, read without row masks
+    quantize_x: bool = False  # FP8 weights, mma/unpack only: x quantized per row to FP8 too (W8A8), not W8A16
 
 
 # Decode, one row: the CUDA-core kernel, 8 rows x (512 dense columns, 256 2:4 groups) per step, x read
@@ -353,15 +460,21 @@ MMA_MAX_M = 64
 BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
 # Prefill: the dense region straight to cuBLAS, the 2:4 region expanded in block_n x block_g tiles, then cuBLAS.
 UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
+# FP8 prefill: x quantized per row, all of W expanded to FP8 bytes, torch._scaled_mm (cuBLASLt FP8), which
+# needs N and K in multiples of 16; other shapes dequantize W and use cuBLAS in x's dtype (UNPACK_AND_CUBLAS).
+FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
 
 
-def choose_config(m: int, n: int, k: int, device: torch.device) -> KernelConfig:
-    """Kernel and tiles by M (N, K and the device do not change the choice today): the gemv kernel for one
-    row, the fused MMA kernel up to ``MMA_MAX_M`` rows, cuBLAS + 2:4 expansion beyond."""
+def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False) -> KernelConfig:
+    """Kernel and tiles by M (K and the device do not change the choice today): the gemv kernel for one
+    row, the fused MMA kernel up to ``MMA_MAX_M`` rows, cuBLAS + 2:4 expansion beyond. FP8 weights are
+    multiplied in x's dtype (W8A16) at decode and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
     if m == 1:
         return DECODE_GEMV
     if m <= MMA_MAX_M:
         return BATCHED_DECODE_MMA
+    if fp8 and n % 16 == 0 and k % 16 == 0:
+        return FP8_PREFILL
     return UNPACK_AND_CUBLAS
 
 
@@ -372,8 +485,11 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"spense_gemm: x dtype must be float16, bfloat16 or float32, found {x.dtype}")
     kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
-    expected = {"dense_weight": ((weight.n, kd), x.dtype), "sparse_weight": ((weight.n, 2 * gs), x.dtype),
+    values = torch.float8_e4m3fn if weight.is_fp8 else x.dtype
+    expected = {"dense_weight": ((weight.n, kd), values), "sparse_weight": ((weight.n, 2 * gs), values),
                 "sparse_meta": ((weight.n, gs // 2), torch.uint8)}
+    if weight.is_fp8:
+        expected["weight_scale"] = ((weight.n,), torch.float32)
     for name, (shape, dtype) in expected.items():
         tensor = getattr(weight, name)
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.stride(-1) != 1:
@@ -392,15 +508,69 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
         raise ValueError(f"spense_gemm: bias must be [{weight.n}] on {x.device}, found {list(bias.shape)}")
 
 
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _expand(weight: SpenseGemmWeight, out: torch.Tensor, block_n: int, block_g: int, with_dense: bool,
+            scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Launch ``_spense_expand_kernel`` into ``out``; FP8 values travel as their int8 bytes."""
+    kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
+    groups = gs + (kd // GROUP_SIZE if with_dense else 0)
+    dense = weight.dense_weight.view(torch.int8) if weight.is_fp8 else weight.dense_weight
+    target = out.view(torch.int8) if out.dtype == torch.float8_e4m3fn else out
+    _spense_expand_kernel[(triton.cdiv(weight.n, block_n), triton.cdiv(groups, block_g))](
+        dense, weight.group_words, weight.sparse_meta, scale, target, weight.n, kd, gs,
+        dense.stride(0), weight.group_words.stride(0), weight.sparse_meta.stride(0), target.stride(0),
+        BLOCK_N=block_n, BLOCK_G=block_g, VALUE_DTYPE=tl.int8 if weight.is_fp8 else _TL_DTYPES[out.dtype],
+        WITH_DENSE=with_dense)
+    return out
+
+
 def expand_2_4(weight: SpenseGemmWeight, block_n: int = 32, block_g: int = 64) -> torch.Tensor:
-    """The 2:4 region as a dense ``[N, 4 * GS]`` temporary (permuted channel order), never kept."""
+    """The 2:4 region of a 16/32-bit weight as a dense ``[N, 4 * GS]`` temporary (permuted channel order),
+    never kept."""
     gs = weight.sparse_channels.numel() // GROUP_SIZE
     out = torch.empty(weight.n, 4 * gs, device=weight.sparse_weight.device, dtype=weight.sparse_weight.dtype)
-    _spense_expand_kernel[(triton.cdiv(weight.n, block_n), triton.cdiv(gs, block_g))](
-        weight.sparse_pairs, weight.sparse_meta, out, weight.n, gs,
-        weight.sparse_pairs.stride(0), weight.sparse_meta.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_G=block_g)
-    return out
+    return _expand(weight, out, block_n, block_g, with_dense=False)
+
+
+def expand_fp8(weight: SpenseGemmWeight, dtype: torch.dtype, block_n: int = 32, block_g: int = 64) -> torch.Tensor:
+    """All of an FP8 weight as a dense ``[N, K]`` temporary in the permuted channel order: its FP8 values
+    (``dtype`` float8_e4m3fn, for ``torch._scaled_mm``) or dequantized to ``dtype``."""
+    out = torch.empty(weight.n, weight.k, device=weight.sparse_weight.device, dtype=dtype)
+    scale = None if dtype == torch.float8_e4m3fn else weight.weight_scale
+    return _expand(weight, out, block_n, block_g, with_dense=True, scale=scale)
+
+
+def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x[:, channel_perm]`` quantized per row to float8_e4m3fn, in a buffer of ``rows >= M`` rows (the
+    padding rows are left unset), and the per-row scales ``[rows]`` float32."""
+    m, k = x.shape
+    quantized = torch.empty(rows, k, device=x.device, dtype=torch.float8_e4m3fn)
+    scale = torch.empty(rows, device=x.device, dtype=torch.float32)
+    if rows > m:
+        scale[m:] = 1.0
+        if x.device.type != "cuda":
+            quantized[m:].zero_()  # Triton's CPU interpreter would warn about arithmetic on the garbage rows
+    _quantize_rows_kernel[(m,)](x, channel_perm, quantized, scale, k, x.stride(0), quantized.stride(0),
+                                BLOCK_K=min(1024, triton.next_power_of_2(k)))
+    return quantized, scale
+
+
+def _prefill(x_perm: torch.Tensor, x_scale: torch.Tensor | None, weight: SpenseGemmWeight,
+             bias: torch.Tensor | None, config: KernelConfig, out_dtype: torch.dtype) -> torch.Tensor:
+    """cuBLAS on the weight expanded in the permuted channel order (only the 2:4 region of 16/32-bit
+    weights: the dense region is read as stored)."""
+    if not weight.is_fp8:
+        kd = weight.dense_channels.numel()
+        y = torch.nn.functional.linear(x_perm[:, :kd], weight.dense_weight, bias)
+        return torch.addmm(y, x_perm[:, kd:], expand_2_4(weight, config.block_n, config.block_g).t())
+    if x_scale is None:  # W8A16
+        return torch.nn.functional.linear(x_perm, expand_fp8(weight, out_dtype, config.block_n, config.block_g), bias)
+    w_fp8 = expand_fp8(weight, torch.float8_e4m3fn, config.block_n, config.block_g)
+    y = torch._scaled_mm(x_perm, w_fp8.t(), scale_a=x_scale[:, None], scale_b=weight.weight_scale[None, :],
+                         out_dtype=out_dtype)
+    return y if bias is None else y.add_(bias)
 
 
 def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None = None,
@@ -410,7 +580,10 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     m = x.shape[0]
     if out is not None and (out.shape != (m, weight.n) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"spense_gemm: out must be a contiguous {x.dtype} [{m}, {weight.n}] tensor")
-    config = config or choose_config(m, weight.n, weight.k, x.device)
+    config = config or choose_config(m, weight.n, weight.k, x.device, weight.is_fp8)
+    w8a8 = weight.is_fp8 and config.quantize_x
+    if w8a8 and config.kernel == "gemv":
+        raise ValueError("spense_gemm: quantize_x (W8A8) needs the mma or unpack kernel, not gemv")
     result = out if out is not None else torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return result
@@ -419,20 +592,21 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     # the padding rows are never initialised and only reach output rows that are never stored.
     rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
     padded = rows != m
+    x_scale = None
     if gather:
         x_perm = x.contiguous()
+    elif w8a8:
+        x_perm, x_scale = quantize_rows_fp8(x, weight.channel_perm, rows)
     else:  # dense channels first, then the 2:4 channels
         x_perm = torch.empty(rows, weight.k, device=x.device, dtype=x.dtype)
         torch.index_select(x, 1, weight.channel_perm, out=x_perm[:m])
         if padded and x.device.type != "cuda":
             x_perm[m:].zero_()  # Triton's CPU interpreter would warn about arithmetic on the garbage rows
-    if config.kernel == "unpack":  # prefill: cuBLAS on the dense region as stored, then on the expanded 2:4 one
-        kd = weight.dense_channels.numel()
-        y = torch.nn.functional.linear(x_perm[:, :kd], weight.dense_weight, bias)
-        return result.copy_(torch.addmm(y, x_perm[:, kd:], expand_2_4(weight, config.block_n, config.block_g).t()))
+    if config.kernel == "unpack":  # prefill
+        return result.copy_(_prefill(x_perm, x_scale, weight, bias, config, x.dtype))
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
-    values = weight.sparse_weight.view(torch.int64)  # one word per group pair (per group for fp32)
+    values = weight.pair_words
     args = (x_perm, weight.dense_weight, values, weight.sparse_meta, bias if bias is not None else x,
             acc, m, weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE,
             x_perm.stride(0), weight.dense_weight.stride(0), values.stride(0), weight.sparse_meta.stride(0),
@@ -444,11 +618,12 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
             raise ValueError(f"spense_gemm: the gemv kernel takes M <= block_m={config.block_m}, found M={m}")
         grid = (triton.cdiv(weight.n, config.block_n), config.split_k)
         _spense_gemv_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles,
-                                  perm_ptr=weight.channel_perm, GATHER_X=gather)
+                                  perm_ptr=weight.channel_perm, GATHER_X=gather, w_scale_ptr=weight.weight_scale)
     else:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(weight.n, config.block_n), config.split_k)
         _spense_gemm_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
-                                  FP32_DOT=x.dtype == torch.float32, **tiles, PADDED_M=padded)
+                                  FP32_DOT=x_perm.dtype == torch.float32, **tiles, PADDED_M=padded,
+                                  w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale)
     if config.split_k > 1:
         result.copy_(acc)
     return result

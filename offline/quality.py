@@ -4,12 +4,14 @@
     python -m vllm_spense.offline.quality --rows full  # every row of docs/QUALITY.md
 
 Every row prunes the same loaded model (weights restored between rows) in float32 on the same
-calibration windows and is scored on the same held-out windows.
+calibration windows and is scored on the same held-out windows; FP8 rows are scored twice, with float
+activations (W8A16) and with activations rounded to FP8 per token (W8A8, what the FP8 prefill path runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -65,6 +67,24 @@ def round_linears_to_fp8(model) -> None:
             linear.weight.copy_(fp8_round(linear.weight, fp8_scales(linear.weight)).to(linear.weight.dtype))
 
 
+@contextlib.contextmanager
+def fp8_activations(model):
+    """W8A8 as the FP8 prefill path serves it: every targeted Linear's input rounded to FP8 per token (scale =
+    the token's largest magnitude / 448, ``format.fp8_scales``) while the context is open."""
+    def round_input(module, args):
+        x = args[0]
+        rows = x.reshape(-1, x.shape[-1]).float()
+        return (fp8_round(rows, fp8_scales(rows)).to(x.dtype).reshape(x.shape), *args[1:])
+
+    handles = [linear.register_forward_pre_hook(round_input)
+               for layer in decoder_layers(model) for linear in target_linears(layer).values()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def overall_sparsity(recipe: PruneRecipe | str | None, dense_share: float) -> float:
     """Share of the pruned layers' weights set to zero (``dense_share``: of the weights kept dense)."""
     if not isinstance(recipe, PruneRecipe):
@@ -95,9 +115,12 @@ def run_table(rows: dict[str, PruneRecipe | str | None], model_path=None, nsampl
             prune_model(model, calibration, recipe, device=device, save_dtype=torch.float32, plan=plan)
         pruned_s = time.time() - start
         ppl = perplexity(model.to(device), held_out)
-        model.to("cpu")
         results.append({"row": label, "sparsity": overall_sparsity(recipe, share), "perplexity": ppl,
                         "prune_seconds": round(pruned_s, 1)})
+        if recipe == DENSE_FP8 or getattr(recipe, "weight_dtype", None) == "fp8":
+            with fp8_activations(model):  # the same FP8 weights with the activations FP8 too (W8A8)
+                results[-1]["perplexity_w8a8"] = perplexity(model, held_out)
+        model.to("cpu")
         print(json.dumps(results[-1]), flush=True)
     return results
 

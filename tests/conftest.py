@@ -103,3 +103,13 @@ def tiny_adaptive_checkpoint(sensitive_tiny_dir, tmp_path_factory) -> pathlib.Pa
     out = tmp_path_factory.mktemp("tiny-adaptive") / "checkpoint"
     assert main([str(sensitive_tiny_dir), "--out", str(out), *TINY_PRUNE_ARGS, "--allocation", "adaptive"]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def fp8_checkpoint(tiny_model_dir, tmp_path_factory) -> pathlib.Path:
+    """The tiny checkpoint's recipe with FP8 values (--weight-dtype fp8)."""
+    from vllm_spense.offline.cli import main
+
+    out = tmp_path_factory.mktemp("tiny-fp8") / "checkpoint"
+    assert main([str(tiny_model_dir), "--out", str(out), *TINY_PRUNE_ARGS, "--weight-dtype", "fp8"]) == 0
+    return out

@@ -27,11 +27,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("rho", [0.0, 0.125, 0.25])
+@pytest.mark.parametrize("rho, fp8", [(0.0, False), (0.125, False), (0.25, False), (0.25, True)])
 @pytest.mark.parametrize("batch, tokens", [(3, 1), (20, 1), (1, 19)])  # decode: gather and unpack paths; prefill
-def test_spense_decoder_matches_fp64_on_unpacked_weights(rho, batch, tokens, generator):
+def test_spense_decoder_matches_fp64_on_unpacked_weights(rho, fp8, batch, tokens, generator):
     cfg = bench_decode.TINY
-    model = bench_decode.build_model(cfg, rho, CPU, torch.float32, CONTEXT + 1, seed=int(generator.initial_seed()))
+    model = bench_decode.build_model(cfg, rho, CPU, torch.float32, CONTEXT + 1, seed=int(generator.initial_seed()),
+                                     fp8=fp8)
     start = 0 if tokens > 1 else CONTEXT
     cache = bench_decode.make_cache(cfg, batch, start + tokens, CPU, torch.float32, generator)
     ids = torch.randint(cfg.vocab, (batch, tokens), generator=generator)
@@ -48,6 +49,19 @@ def test_spense_decoder_matches_fp64_on_unpacked_weights(rho, batch, tokens, gen
     assert bench_decode.rel_err(dense(ids, start, cache), expected) > 1e-2  # the pruning changed the model
 
 
+def test_dense_fp8_baseline_is_scaled_mm_on_per_token_fp8(generator):
+    """DenseFP8Linear against fp64 math: W and x each rounded to FP8 on their own rows' scales."""
+    weight = torch.randn(48, 256, generator=generator) / 16
+    x = torch.randn(2, 5, 256, generator=generator) * torch.rand(2, 5, 1, generator=generator)
+    linear = bench_decode.DenseFP8Linear(weight)
+    w_ref = bench_decode.fp8_values(weight, bench_decode.fp8_scales(weight)).double() * linear.weight_scale.double()[:, None]
+    x2 = x.reshape(-1, 256)
+    x_ref = bench_decode.fp8_values(x2, bench_decode.fp8_scales(x2)).double() * bench_decode.fp8_scales(x2).double()[:, None]
+    expected = (x_ref @ w_ref.t()).reshape(2, 5, 48)
+    assert bench_decode.rel_err(linear(x), expected) < 1e-5
+    assert bench_decode.rel_err(linear(x), x.double() @ weight.double().t()) > 1e-3  # FP8 rounding is in it
+
+
 def test_guard_stops_the_run_on_a_wrong_kernel(monkeypatch):
     model = bench_decode.build_model(bench_decode.TINY, 0.25, CPU, torch.float32, CONTEXT + 1)
     good = bench_decode.check_step(model, 2, CONTEXT, seed=1)
@@ -62,15 +76,20 @@ def test_guard_stops_the_run_on_a_wrong_kernel(monkeypatch):
 
 def test_script_runs_and_writes_every_figure(tmp_path):
     out = tmp_path / "bench_decode.json"
-    assert bench_decode.main(["--device", "cpu", "--tiny", "--variants", "dense", "rho=0.25", "--batches", "1", "3",
+    assert bench_decode.main(["--device", "cpu", "--tiny", "--variants", "dense", "rho=0.25", "dense fp8",
+                              "fp8 rho=0.25", "--batches", "1", "3",
                               "--context", "16", "--prefill", "32", "--budget", "0.01", "--repeats", "2",
                               "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert {"device", "torch", "triton", "dtype", "config", "variants", "wall_s"} <= set(data)
     assert data["config"]["layers"] == 2 and data["config"]["hidden"] == 256
-    assert list(data["variants"]) == ["dense", "rho=0.25"]
+    assert list(data["variants"]) == ["dense", "rho=0.25", "dense fp8", "fp8 rho=0.25"]
     spense = data["variants"]["rho=0.25"]
-    assert spense["linear_bytes"] < data["variants"]["dense"]["linear_bytes"]
+    bytes_of = {name: result["linear_bytes"] for name, result in data["variants"].items()}
+    assert bytes_of["fp8 rho=0.25"] < bytes_of["dense fp8"] < bytes_of["rho=0.25"] < bytes_of["dense"]
+    assert data["variants"]["fp8 rho=0.25"]["check_rel_err"]["2"]["logits"] < 1e-4
+    assert data["variants"]["fp8 rho=0.25"]["decode"]["3"]["speedup_fp8"] > 0
+    assert "speedup_fp8" not in spense["decode"]["3"]
     assert spense["check_rel_err"]["2"]["logits"] < 1e-4
     for result in data["variants"].values():
         for batch in ("1", "3"):
@@ -83,7 +102,7 @@ def test_script_runs_and_writes_every_figure(tmp_path):
     import report_decode
 
     text = report_decode.tables(data)
-    assert "| rho=0.25 |" in text and "prefill 32" in text
+    assert "| rho=0.25 |" in text and "prefill 32" in text and "x vs dense fp8" in text
     pytest.importorskip("matplotlib")
     png = tmp_path / "decode.png"
     report_decode.plot(data, str(png))

@@ -112,16 +112,6 @@ def test_rounding_inside_the_obs_sweep_is_compensated(generator):
     assert compensated < nearest
 
 
-@pytest.fixture(scope="module")
-def fp8_checkpoint(tiny_model_dir, tmp_path_factory):
-    from tests.conftest import TINY_PRUNE_ARGS
-    from vllm_spense.offline.cli import main
-
-    out = tmp_path_factory.mktemp("tiny-fp8") / "checkpoint"
-    assert main([str(tiny_model_dir), "--out", str(out), *TINY_PRUNE_ARGS, "--weight-dtype", "fp8"]) == 0
-    return out
-
-
 def test_spense_prune_writes_an_fp8_checkpoint_that_loads_dense(fp8_checkpoint, tiny_checkpoint):
     from vllm_spense.offline.evaluate import load_spense_as_dense
 
@@ -142,10 +132,20 @@ def test_spense_prune_writes_an_fp8_checkpoint_that_loads_dense(fp8_checkpoint, 
     assert (logits - expected).norm() / expected.norm() < 0.1
 
 
-def test_the_vllm_plugin_refuses_fp8_checkpoints_clearly(fp8_checkpoint):
-    pytest.importorskip("vllm")
-    from vllm_spense.quant_config import SpenseConfig
+def test_w8a8_evaluation_rounds_each_linear_input_per_token_and_cleans_up(tiny_model_dir, generator):
+    from vllm_spense.offline.models import decoder_layers, load_model, target_linears
+    from vllm_spense.offline.quality import fp8_activations
 
-    config = json.loads((fp8_checkpoint / "config.json").read_text())["quantization_config"]
-    with pytest.raises(SpenseFormatError, match="weight_dtype 'float8_e4m3fn'.*FP8 kernels are not built yet"):
-        SpenseConfig.from_config(config)
+    model, _ = load_model(tiny_model_dir)
+    linear = next(iter(target_linears(decoder_layers(model)[0]).values()))
+    seen = []
+    linear.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    tokens = torch.randint(0, model.config.vocab_size, (2, 7), generator=generator)
+    with torch.no_grad(), fp8_activations(model):
+        model(tokens)
+    with torch.no_grad():
+        model(tokens)
+    rounded, raw = seen
+    assert on_fp8_grid(rounded, fp8_scales(raw))  # each token on the grid of its own largest magnitude
+    assert not torch.equal(rounded, raw)
+    assert ((rounded - raw).abs() <= 2.0 ** -4 * raw.abs() + fp8_scales(raw)[:, None] * 2.0 ** -9).all()

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from tests.helpers import random_dense_mask, random_pruned_weight
-from vllm_spense.format import pack
-from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, DECODE_GEMV, MMA_MAX_M, UNPACK_AND_CUBLAS,
-                                             KernelConfig, SpenseGemmWeight, choose_config, expand_2_4, spense_gemm)
+from vllm_spense.format import fp8_round, fp8_scales, pack
+from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, DECODE_GEMV, FP8_PREFILL, MMA_MAX_M,
+                                             UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight, choose_config,
+                                             expand_2_4, expand_fp8, spense_gemm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
@@ -89,3 +90,68 @@ def test_bad_inputs_are_refused_before_launch():
     with pytest.raises(ValueError, match="bias must be \\[37\\]"):
         spense_gemm(torch.randn(2, 192, dtype=torch.float16, device=DEVICE), gemm_weight,
                     torch.randn(36, dtype=torch.float16, device=DEVICE))
+
+
+FP8_CONFIGS = {
+    "gemv": KernelConfig(4, 8, 32, 16, 2, 4, 1, "gemv", gather_x=True),
+    "mma W8A16": KernelConfig(16, 32, 64, 16, 1, 4, 2),
+    "mma W8A16 split-k": KernelConfig(16, 32, 32, 16, 3, 4, 2, pad_rows=False),
+    "mma W8A8": KernelConfig(16, 32, 64, 32, 1, 4, 2, quantize_x=True),
+    "prefill W8A16": UNPACK_AND_CUBLAS,
+    "prefill W8A8": FP8_PREFILL,
+}
+
+
+def make_fp8_weight(shape, generator):
+    """A pruned weight on the FP8 grid of its per-row scales (float32) and its FP8 Spense tensors."""
+    n, k, chunk, dense = shape
+    mask = random_dense_mask(k, chunk, dense, generator)
+    weight = random_pruned_weight(n, k, mask, generator) * torch.rand(n, 1, generator=generator) * 4
+    scale = fp8_scales(weight)
+    on_grid = fp8_round(weight, scale)
+    packed = pack(on_grid, mask, chunk, weight_scale=scale)
+    return on_grid, SpenseGemmWeight.from_packed(packed._replace(**{
+        f: getattr(packed, f).to(DEVICE) for f in packed._fields if getattr(packed, f) is not None}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", [(37, 192, 64, 2), (48, 256, 128, 8), (33, 384, 128, 16)])
+@pytest.mark.parametrize("m", [1, 3, 17])
+@pytest.mark.parametrize("path", [None, *FP8_CONFIGS])
+def test_fp8_gemm_matches_fp64(dtype, shape, m, path):
+    """FP8 values times per-row scales, against fp64 math on the dequantized weight; W8A8 paths against x
+    rounded per row to FP8 the way format.fp8_round rounds a weight (scale = row max / 448)."""
+    config = FP8_CONFIGS.get(path)
+    if config is not None and config.kernel == "gemv" and m > config.block_m:
+        pytest.skip("the gemv kernel serves M <= block_m only")
+    if path == "prefill W8A8" and shape[0] % 16:
+        pytest.skip("torch._scaled_mm needs N in multiples of 16; choose_config sends such shapes to W8A16")
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    weight, gemm_weight = make_fp8_weight(shape, generator)
+    x = (torch.randn(m, shape[1], generator=generator) * torch.rand(m, 1, generator=generator) * 3).to(dtype)
+    bias = torch.randn(shape[0], generator=generator).to(dtype).to(DEVICE)
+    out = torch.full((m, shape[0]), float("nan"), dtype=dtype, device=DEVICE)  # poison
+    spense_gemm(x.to(DEVICE), gemm_weight, bias, config=config, out=out)
+    used = config or choose_config(m, *shape[:2], torch.device(DEVICE), fp8=True)
+    x_ref = fp8_round(x.float(), fp8_scales(x.float())) if used.quantize_x else x
+    expected = x_ref.double() @ weight.double().t() + bias.double().cpu()
+    error = (out.double().cpu() - expected).norm() / expected.norm()
+    assert torch.isfinite(out).all()
+    assert error < (2e-3 if dtype == torch.float16 or used.quantize_x else 1e-5), f"relative error {error:.2e}"
+
+
+def test_fp8_expansion_is_the_weight_in_permuted_order(generator):
+    """The FP8 prefill temporaries: exact FP8 bytes, and the dequantized weight in fp32."""
+    weight, gemm_weight = make_fp8_weight((37, 384, 128, 16), generator)
+    perm = gemm_weight.channel_perm.long().cpu()
+    as_fp8 = expand_fp8(gemm_weight, torch.float8_e4m3fn, block_n=16, block_g=8).cpu()
+    assert torch.equal(as_fp8.float() * gemm_weight.weight_scale.cpu()[:, None], weight[:, perm])
+    assert torch.equal(expand_fp8(gemm_weight, torch.float32, block_n=16, block_g=8).cpu(), weight[:, perm])
+
+
+def test_fp8_dispatch_quantizes_x_only_at_prefill_on_cublaslt_shapes():
+    cpu = torch.device("cpu")
+    assert choose_config(1, 4096, 4096, cpu, fp8=True) == DECODE_GEMV
+    assert not choose_config(MMA_MAX_M, 4096, 4096, cpu, fp8=True).quantize_x
+    assert choose_config(MMA_MAX_M + 1, 4096, 4096, cpu, fp8=True) == FP8_PREFILL
+    assert choose_config(4096, 4104, 4096, cpu, fp8=True) == UNPACK_AND_CUBLAS  # N not a multiple of 16

@@ -95,6 +95,13 @@ def test_mixed_dense_fractions_serve_like_transformers_with_tensor_parallel_2(ti
         check_against_transformers(client, tiny_adaptive_checkpoint)
 
 
+def test_fp8_checkpoint_serves_like_transformers(fp8_checkpoint, tmp_path):
+    """FP8 values + weight_scale through the same spense method (the CPU op multiplies the FP8 values and
+    scales the product), against the checkpoint dequantized into transformers."""
+    with VllmServer(fp8_checkpoint, log=tmp_path / "fp8.log") as client:
+        check_against_transformers(client, fp8_checkpoint)
+
+
 @pytest.fixture(scope="module")
 def default_checkpoint(tmp_path_factory):
     """The embedded SmolLM2-135M-Instruct, pruned by SpenseGPT (rho = 0.25) on a small calibration set."""

@@ -3,35 +3,45 @@ on a machine without vLLM): validate the loaded (per-rank) tensors, build the ke
 call the custom op.
 
 A layer holds ``dense_weight [N, KD]``, ``sparse_weight [N, 2 GS]``, ``sparse_meta [N, GS/2]`` uint8 and
-``dense_mask [K/4]`` bool (docs/FORMAT.md), where N and K are this rank's shard; after
-``process_weights_after_loading`` it also holds ``channel_perm [K]`` int32 (dense channels, then 2:4 ones).
+``dense_mask [K/4]`` bool (docs/FORMAT.md), with FP8 values also ``weight_scale [N]`` float32, where N and
+K are this rank's shard; after ``process_weights_after_loading`` it also holds ``channel_perm [K]`` int32
+(dense channels, then 2:4 ones).
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_spense.format import GROUP_SIZE, LAYER_TENSORS, PackedSpenseWeight, SpenseFormatError, validate
+from vllm_spense.format import (GROUP_SIZE, LAYER_TENSORS, WEIGHT_SCALE, PackedSpenseWeight, SpenseFormatError,
+                                validate)
 from vllm_spense.kernels.reference import group_channels
 from vllm_spense.ops import spense_linear
 
 
 def packed_weight(layer: torch.nn.Module) -> PackedSpenseWeight:
-    return PackedSpenseWeight(*(getattr(layer, t.value) for t in LAYER_TENSORS))
+    return PackedSpenseWeight(*(getattr(layer, t.value) for t in LAYER_TENSORS), getattr(layer, WEIGHT_SCALE, None))
 
 
-def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str, int]], chunk_size: int) -> None:
+def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str, int]], chunk_size: int,
+                                  value_dtype: torch.dtype | None = None) -> None:
     """Validate the loaded tensors (shapes, mask balance, index values) and add ``channel_perm``.
 
     ``parts`` lists the checkpoint layers stacked in this one, ``(name, rows)`` in order (q, k, v for a
-    merged qkv), so an error names the checkpoint tensor. Parameters are re-registered as plain
-    ``Parameter``s so torch.compile sees ordinary tensors.
+    merged qkv), so an error names the checkpoint tensor; ``value_dtype`` is the dtype an FP8 checkpoint
+    fixes. Parameters are re-registered as plain ``Parameter``s so torch.compile sees ordinary tensors.
     """
     packed = packed_weight(layer)
+    if value_dtype is not None and packed.dense_weight.is_cuda and torch.cuda.get_device_capability(
+            packed.dense_weight.device) < (8, 9):
+        raise RuntimeError(f"layer {parts[0][0]}: FP8 Spense checkpoints need an FP8-capable GPU (compute "
+                           f"capability 8.9 or newer: Ada, Hopper, Blackwell), found "
+                           f"{torch.cuda.get_device_name(packed.dense_weight.device)}")
     start = 0
     for name, rows in parts:
-        validate(PackedSpenseWeight(*(t[start:start + rows] for t in packed[:3]), packed.dense_mask), chunk_size,
-                 name, expected_shape=(rows, packed.dense_mask.numel() * GROUP_SIZE))
+        scale = None if packed.weight_scale is None else packed.weight_scale[start:start + rows]
+        validate(PackedSpenseWeight(*(t[start:start + rows] for t in packed[:3]), packed.dense_mask, scale),
+                 chunk_size, name, expected_shape=(rows, packed.dense_mask.numel() * GROUP_SIZE),
+                 value_dtype=value_dtype)
         start += rows
     if start != packed.dense_weight.shape[0]:
         raise SpenseFormatError(f"layer {parts[0][0]}: parts hold {start} rows, dense_weight has "
@@ -39,10 +49,12 @@ def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str,
     dense_ch, sparse_ch = group_channels(packed.dense_mask)
     tensors = {**{t.value: getattr(packed, t.value).data.contiguous() for t in LAYER_TENSORS},
                "channel_perm": torch.cat((dense_ch, sparse_ch)).to(torch.int32)}
+    if packed.weight_scale is not None:
+        tensors[WEIGHT_SCALE] = packed.weight_scale.data.contiguous()
     for attr, data in tensors.items():
         layer.register_parameter(attr, torch.nn.Parameter(data, requires_grad=False))
 
 
 def apply(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return spense_linear(x, layer.dense_weight, layer.sparse_weight, layer.sparse_meta, layer.dense_mask,
-                         layer.channel_perm, bias)
+                         layer.channel_perm, bias, getattr(layer, WEIGHT_SCALE, None))

@@ -1,21 +1,22 @@
 """``SpenseLinearMethod``: Spense weights inside vLLM's Linear layers.
 
-``create_weights`` declares the four tensors with vLLM's parameter classes, so vLLM's own loaders shard
-them: rows (N) split for column-parallel layers, input channels (K) for row-parallel ones. Because every
-128-channel chunk holds the same number of dense groups (docs/FORMAT.md), a K split on chunk boundaries
-gives each rank a contiguous slice of ``dense_weight``, ``sparse_weight``, ``sparse_meta`` and
-``dense_mask``. Merged layers (qkv, gate_up) load each part's rows into its offset; their ``dense_mask``
-must be identical, which the mask parameter checks as each part arrives.
+``create_weights`` declares the four tensors (five with FP8 values: ``weight_scale`` [N]) with vLLM's
+parameter classes, so vLLM's own loaders shard them: rows (N) split for column-parallel layers, input
+channels (K) for row-parallel ones. Because every 128-channel chunk holds the same number of dense
+groups (docs/FORMAT.md), a K split on chunk boundaries gives each rank a contiguous slice of
+``dense_weight``, ``sparse_weight``, ``sparse_meta`` and ``dense_mask``; ``weight_scale`` follows the rows.
+Merged layers (qkv, gate_up) load each part's rows into its offset; their ``dense_mask`` must be
+identical, which the mask parameter checks as each part arrives.
 """
 
 from __future__ import annotations
 
 import torch
 from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_loader_v2_supported_method
-from vllm.model_executor.parameter import ModelWeightParameter, RowvLLMParameter
+from vllm.model_executor.parameter import ChannelQuantScaleParameter, ModelWeightParameter, RowvLLMParameter
 
 from vllm_spense import linear_kernel
-from vllm_spense.format import GROUP_SIZE, SPARSE_KEPT, VALUE_DTYPES, SpenseFormatError, SpenseTensor
+from vllm_spense.format import GROUP_SIZE, SPARSE_KEPT, VALUE_DTYPES, WEIGHT_SCALE, SpenseFormatError, SpenseTensor
 
 _QKV_INDEX = {"q": 0, "k": 1, "v": 2}
 
@@ -29,12 +30,13 @@ class _CheckedLoads:
     """Loads that name the layer and tensor when a checkpoint tensor does not fit, and record which parts
     of a merged layer arrived."""
 
-    def _spense_init(self, layer: str, tensor: SpenseTensor, shard_names: list[str], dtypes: tuple) -> None:
-        self.spense_layer, self.spense_tensor, self.shard_names, self.dtypes = layer, tensor, shard_names, dtypes
+    def _spense_init(self, layer: str, tensor: SpenseTensor | str, shard_names: list[str], dtypes: tuple) -> None:
+        self.spense_layer, self.shard_names, self.dtypes = layer, shard_names, dtypes
+        self.spense_tensor = getattr(tensor, "value", tensor)  # the checkpoint suffix
         self.loaded_shards: set = set()
 
     def checkpoint_name(self, part: int) -> str:
-        return self.spense_tensor.key(self.shard_names[part])
+        return f"{self.shard_names[part]}.{self.spense_tensor}"
 
     def _load(self, load, loaded_weight: torch.Tensor, shard_id=None, /, **kwargs) -> None:
         part = _part(shard_id)
@@ -50,6 +52,11 @@ class _CheckedLoads:
                 f"{list(self.data.shape)} on tensor-parallel rank {self.tp_rank} of {self.tp_size} ({error})"
             ) from None
         self.loaded_shards.add(part)
+
+    def _check_whole(self, loaded_weight: torch.Tensor) -> None:
+        """A tensor every rank holds whole (vLLM's loaders would narrow a larger one silently)."""
+        if tuple(loaded_weight.shape) != tuple(self.data.shape):
+            raise AssertionError(f"expected {list(self.data.shape)}")
 
     def load_column_parallel_weight(self, loaded_weight):
         self._load(super().load_column_parallel_weight, loaded_weight)
@@ -79,8 +86,7 @@ class SpenseMaskParameter(_CheckedLoads, RowvLLMParameter):
     """dense_mask [K/4]: split with K on row-parallel layers, whole (and shared by all parts) otherwise."""
 
     def _load_whole(self, loaded_weight: torch.Tensor, **kwargs) -> None:
-        if tuple(loaded_weight.shape) != tuple(self.data.shape):
-            raise AssertionError(f"expected {list(self.data.shape)}")
+        self._check_whole(loaded_weight)
         if self.loaded_shards and not torch.equal(self.data, loaded_weight.to(self.data.device)):
             first = self.checkpoint_name(min(self.loaded_shards))
             raise SpenseFormatError(
@@ -97,6 +103,17 @@ class SpenseMaskParameter(_CheckedLoads, RowvLLMParameter):
 
     def load_qkv_weight(self, loaded_weight, **kwargs):
         self._load(self._load_whole, loaded_weight, kwargs.get("shard_id"), **kwargs)
+
+
+class SpenseScaleParameter(_CheckedLoads, ChannelQuantScaleParameter):
+    """weight_scale [N] float32 (FP8 checkpoints): split with the rows it scales, whole on row-parallel layers."""
+
+    def load_row_parallel_weight(self, loaded_weight):
+        self._load(self._load_whole, loaded_weight)
+
+    def _load_whole(self, loaded_weight: torch.Tensor) -> None:
+        self._check_whole(loaded_weight)
+        self.data.copy_(loaded_weight)
 
 
 @register_weight_loader_v2_supported_method
@@ -123,10 +140,11 @@ class SpenseLinearMethod(LinearMethodBase):
         g_dense = self._dense_groups_per_chunk(shard_names) * (input_size_per_partition // chunk)
         g_sparse = groups - g_dense
         loader = extra_weight_attrs["weight_loader"]
-        values = (*VALUE_DTYPES,)
+        fp8 = spense.stored_value_dtype  # FP8 checkpoints fix the values' dtype; others store the model's
+        value_dtype, values = (fp8, (fp8,)) if fp8 is not None else (params_dtype, VALUE_DTYPES)
         for tensor, columns, dtype, allowed in (
-                (SpenseTensor.DENSE_WEIGHT, GROUP_SIZE * g_dense, params_dtype, values),
-                (SpenseTensor.SPARSE_WEIGHT, SPARSE_KEPT * g_sparse, params_dtype, values),
+                (SpenseTensor.DENSE_WEIGHT, GROUP_SIZE * g_dense, value_dtype, values),
+                (SpenseTensor.SPARSE_WEIGHT, SPARSE_KEPT * g_sparse, value_dtype, values),
                 (SpenseTensor.SPARSE_META, g_sparse // 2, torch.uint8, (torch.uint8,))):
             param = SpenseWeightParameter(data=torch.empty(n, columns, dtype=dtype), input_dim=1, output_dim=0,
                                           weight_loader=loader)
@@ -135,6 +153,10 @@ class SpenseLinearMethod(LinearMethodBase):
         mask = SpenseMaskParameter(data=torch.zeros(groups, dtype=torch.bool), input_dim=0, weight_loader=loader)
         mask._spense_init(self.prefix, SpenseTensor.DENSE_MASK, shard_names, (torch.bool,))
         layer.register_parameter(SpenseTensor.DENSE_MASK.value, mask)
+        if fp8 is not None:
+            scale = SpenseScaleParameter(data=torch.empty(n, dtype=torch.float32), output_dim=0, weight_loader=loader)
+            scale._spense_init(self.prefix, WEIGHT_SCALE, shard_names, (torch.float32,))
+            layer.register_parameter(WEIGHT_SCALE, scale)
         layer.spense_parts = list(zip(shard_names, output_partition_sizes, strict=True))
 
     def _dense_groups_per_chunk(self, shard_names: list[str]) -> int:
@@ -150,13 +172,16 @@ class SpenseLinearMethod(LinearMethodBase):
         return counts[shard_names[0]]
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        for tensor in SpenseTensor:
-            param = getattr(layer, tensor.value)
+        for name in (*(tensor.value for tensor in SpenseTensor), WEIGHT_SCALE):
+            param = getattr(layer, name, None)
+            if param is None:  # no weight_scale: not an FP8 checkpoint
+                continue
             missing = [param.checkpoint_name(part) for part in range(len(layer.spense_parts))
                        if part not in param.loaded_shards]
             if missing:
                 raise SpenseFormatError(f"layer {self.prefix}: tensors {missing} missing from the checkpoint")
-        linear_kernel.process_weights_after_loading(layer, layer.spense_parts, self.quant_config.spense.chunk_size)
+        linear_kernel.process_weights_after_loading(layer, layer.spense_parts, self.quant_config.spense.chunk_size,
+                                                    self.quant_config.spense.stored_value_dtype)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear_kernel.apply(layer, x, bias)

@@ -3,8 +3,8 @@ and CUDA graphs capture it as a single opaque node.
 
 On CUDA it runs the Triton kernels (``vllm_spense.kernels.spense_gemm``, which picks the decode or prefill
 path by M); anywhere else it runs the PyTorch reference. Arguments are the packed tensors exactly as the
-checkpoint stores them (docs/FORMAT.md) plus ``channel_perm [K]`` int32 (dense channels, then 2:4 channels),
-built once in ``process_weights_after_loading``.
+checkpoint stores them (docs/FORMAT.md; FP8 values with their ``weight_scale``) plus ``channel_perm [K]``
+int32 (dense channels, then 2:4 channels), built once in ``process_weights_after_loading``.
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ CPU_GATHER_MAX_M = 16  # above this, rebuilding W once per call is cheaper than 
 @torch.library.custom_op("spense::linear", mutates_args=())
 def spense_linear(x: torch.Tensor, dense_weight: torch.Tensor, sparse_weight: torch.Tensor,
                   sparse_meta: torch.Tensor, dense_mask: torch.Tensor, channel_perm: torch.Tensor,
-                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., K] @ W^T (+ bias) -> [..., N]`` from the Spense layout."""
+                  bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ bias) -> [..., N]`` from the Spense layout (FP8 values with ``weight_scale``)."""
     k = dense_mask.numel() * GROUP_SIZE
     x2 = x.reshape(-1, k)
     if x.is_cuda:
         from vllm_spense.kernels.spense_gemm import SpenseGemmWeight, spense_gemm  # Triton: CUDA only
 
-        weight = SpenseGemmWeight.from_channel_perm(dense_weight, sparse_weight, sparse_meta, channel_perm)
+        weight = SpenseGemmWeight.from_channel_perm(dense_weight, sparse_weight, sparse_meta, channel_perm,
+                                                    weight_scale)
         y = spense_gemm(x2.contiguous(), weight, bias)
     else:  # PyTorch reference: gather per 2:4 group for a few rows, else rebuild W for this call and matmul
         from vllm_spense.kernels.reference import spense_linear as reference
 
-        packed = PackedSpenseWeight(dense_weight, sparse_weight, sparse_meta, dense_mask)
+        packed = PackedSpenseWeight(dense_weight, sparse_weight, sparse_meta, dense_mask, weight_scale)
         if x2.shape[0] <= CPU_GATHER_MAX_M:
             y = reference(x2, packed, bias)
         else:
@@ -40,5 +41,5 @@ def spense_linear(x: torch.Tensor, dense_weight: torch.Tensor, sparse_weight: to
 
 
 @spense_linear.register_fake
-def _(x, dense_weight, sparse_weight, sparse_meta, dense_mask, channel_perm, bias=None):
+def _(x, dense_weight, sparse_weight, sparse_meta, dense_mask, channel_perm, bias=None, weight_scale=None):
     return x.new_empty(*x.shape[:-1], dense_weight.shape[0])

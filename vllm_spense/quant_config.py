@@ -52,12 +52,6 @@ class SpenseConfig(QuantizationConfig):
                 "quant_method 'spense'; make a Spense checkpoint with spense-prune first, or drop the flag to "
                 "serve the model densely")
         spense = SpenseQuantConfig.from_dict(config)
-        if spense.weight_dtype is not None:
-            raise SpenseFormatError(
-                f"quantization_config.weight_dtype {spense.weight_dtype!r}: this version of the plugin serves Spense "
-                f"checkpoints with float16/bfloat16/float32 values only (FP8 kernels are not built yet); "
-                f"spense-eval evaluates FP8 checkpoints on the CPU, and spense-prune without --weight-dtype "
-                f"writes one vLLM serves")
         return cls(spense)
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
