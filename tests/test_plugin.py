@@ -209,6 +209,28 @@ def test_missing_part_and_bad_tensors_fail_at_load(vllm_env, generator):
         load(qkv, {**packed, "q": packed["q"]._replace(sparse_meta=meta)}, {"q": "q", "k": "k", "v": "v"})
 
 
+def test_fp8_weight_scale_errors_name_the_tensor(vllm_env, generator):
+    from vllm.model_executor.layers.linear import RowParallelLinear
+
+    _, packed = packed_parts({"q": (128, 256), "k": (64, 256), "v": (64, 256)}, generator, fp8=True)
+    qkv = build_qkv(0, 1, fp8=True)
+    bad = packed["k"]._replace(weight_scale=packed["k"].weight_scale[:-1])
+    with pytest.raises(SpenseFormatError, match="tensor model.layers.0.self_attn.k_proj.weight_scale: checkpoint "
+                                                "shape \\[63\\] does not fit"):
+        load(qkv, {**packed, "k": bad}, {"q": "q", "k": "k", "v": "v"})
+    qkv = build_qkv(0, 1, fp8=True)
+    with pytest.raises(SpenseFormatError, match="tensor model.layers.0.self_attn.v_proj.dense_weight: expected "
+                                                "dtype in \\['torch.float8_e4m3fn'\\], found torch.float32"):
+        load(qkv, {**packed, "v": packed_parts({"v": (64, 256)}, generator)[1]["v"]}, {"q": "q", "k": "k", "v": "v"})
+    with as_rank(0, 2):  # row-parallel: every rank needs all N scales
+        o = RowParallelLinear(256, 256, bias=False, quant_config=spense_config(fp8=True), prefix=O_PROJ)
+    _, o_packed = packed_parts({"o": (256, 256)}, generator, fp8=True)
+    scale = o.weight_scale
+    with pytest.raises(SpenseFormatError, match="tensor model.layers.0.self_attn.o_proj.weight_scale: checkpoint "
+                                                "shape \\[128\\] does not fit"):
+        scale.weight_loader(scale, o_packed["o"].weight_scale[:128])
+
+
 def test_tp_split_off_chunk_boundary_is_refused(vllm_env):
     from vllm.model_executor.layers.linear import RowParallelLinear
 
