@@ -1,6 +1,6 @@
 """The checkpoints benchmarks/vllm_gpu writes for real vLLM on the GPU, made here at a tiny size on the CPU:
 the dense one holds the seeded weights, the Spense one passes the plugin's header check and unpacks to
-the same weights pruned."""
+the same weights pruned, the FP8 one to those weights rounded to FP8."""
 
 from __future__ import annotations
 
@@ -39,3 +39,13 @@ def test_dense_and_spense_checkpoints_agree(tmp_path, tiny_model_dir):
         else:
             assert torch.equal(unpacked[name], weight), name
     assert (dense / "tokenizer.json").is_file() and (spense / "config.json").is_file()
+    fp8 = tmp_path / "out" / "spense_fp8"  # the same pruned weights, FP8 values
+    _, fp8_quant = read_config(fp8)
+    assert fp8_quant.weight_dtype == "float8_e4m3fn"
+    assert len(check_checkpoint_headers(fp8, fp8_quant)) == 7 * cfg.layers
+    _, _, fp8_unpacked = dense_state_dict(fp8)
+    for name, weight in unpacked.items():
+        if name.endswith("proj.weight") and ".layers." in name:
+            assert torch.equal(fp8_unpacked[name] != 0, (weight != 0) & (fp8_unpacked[name] != 0)), name
+            error = (fp8_unpacked[name].float() - weight.float()).norm() / weight.float().norm()
+            assert 0 < error < 0.05, name  # FP8 rounding: about 2^-5 relative

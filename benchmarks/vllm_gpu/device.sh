@@ -27,8 +27,9 @@ PY
   bench)
     out=${2:-/tmp/out}
     cd /tmp && src=$OLDPWD
-    [ -d /tmp/vm/spense ] || python3 "$src/benchmarks/vllm_gpu/make_checkpoints.py" /tmp/vm "$store/payload/tokenizer" || exit 1
-    python3 "$src/benchmarks/vllm_gpu/bench_serving.py" --models /tmp/vm/dense /tmp/vm/spense --json "$out/vllm_serving.json" --logs "$out"
+    [ -d /tmp/vm/spense_fp8 ] || python3 "$src/benchmarks/vllm_gpu/make_checkpoints.py" /tmp/vm "$store/payload/tokenizer" || exit 1
+    models=(${MODELS:-dense spense})  # e.g. MODELS="dense spense_fp8"
+    python3 "$src/benchmarks/vllm_gpu/bench_serving.py" --models "${models[@]/#//tmp/vm/}" --json "$out/vllm_serving.json" --logs "$out"
     status=$?
     for f in "$out"/vllm_*.log; do tail -c 200000 "$f" > "$f.tail" && mv "$f.tail" "$f"; done
     exit $status ;;
