@@ -137,8 +137,7 @@ class SpenseLinear(torch.nn.Module):
         super().__init__()
         pruned, mask = magnitude_spense(weight, rho)
         packed = pack(pruned, mask, CHUNK_SIZE, parts[0][0], weight_scale=fp8_scales(pruned) if fp8 else None)
-        for name, tensor in packed.tensors("").items():
-            self.register_parameter(name[1:], torch.nn.Parameter(tensor, requires_grad=False))
+        linear_kernel.register_packed(self, packed)
         linear_kernel.process_weights_after_loading(self, parts, chunk_size=CHUNK_SIZE,
                                                     value_dtype=torch.float8_e4m3fn if fp8 else None)
         self.reference, self.errors = False, None

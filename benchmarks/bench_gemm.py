@@ -22,8 +22,8 @@ import triton
 import triton.testing
 
 from benchmarks_common import spense_weight_for
-from vllm_spense.kernels.spense_gemm import spense_gemm
 from vllm_spense.format import fp8_scales
+from vllm_spense.kernels.spense_gemm import spense_gemm
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 SHAPES = {  # name: (N, K)

@@ -35,8 +35,7 @@ def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype,
     pruned = magnitude_2_4(torch.randn(n, k, device="cuda", dtype=dtype), mask)
     packed = pack(pruned, mask, 128, weight_scale=fp8_scales(pruned) if fp8 else None)
     layer = torch.nn.Module()
-    for name, tensor in packed.tensors("").items():
-        layer.register_parameter(name[1:], torch.nn.Parameter(tensor, requires_grad=False))
+    linear_kernel.register_packed(layer, packed)
     linear_kernel.process_weights_after_loading(layer, [("layer", n)], chunk_size=128,
                                                 value_dtype=torch.float8_e4m3fn if fp8 else None)
     return layer, unpack(packed).double()

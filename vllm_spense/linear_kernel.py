@@ -22,6 +22,14 @@ def packed_weight(layer: torch.nn.Module) -> PackedSpenseWeight:
     return PackedSpenseWeight(*(getattr(layer, t.value) for t in LAYER_TENSORS), getattr(layer, WEIGHT_SCALE, None))
 
 
+def register_packed(layer: torch.nn.Module, packed: PackedSpenseWeight) -> None:
+    """Put one weight's Spense tensors on ``layer`` as vLLM's loaders leave them (the GPU checks and the
+    benchmarks build layers without vLLM)."""
+    for name, tensor in packed._asdict().items():
+        if tensor is not None:
+            layer.register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+
+
 def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str, int]], chunk_size: int,
                                   value_dtype: torch.dtype | None = None) -> None:
     """Validate the loaded tensors (shapes, mask balance, index values) and add ``channel_perm``.
