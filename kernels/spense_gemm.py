@@ -602,8 +602,9 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         torch.index_select(x, 1, weight.channel_perm, out=x_perm[:m])
         if padded and x.device.type != "cuda":
             x_perm[m:].zero_()  # Triton's CPU interpreter would warn about arithmetic on the garbage rows
-    if config.kernel == "unpack":  # prefill
-        return result.copy_(_prefill(x_perm, x_scale, weight, bias, config, x.dtype))
+    if config.kernel == "unpack":  # prefill: cuBLAS allocates its own output; copy only into a given ``out``
+        y = _prefill(x_perm, x_scale, weight, bias, config, x.dtype)
+        return y if out is None else out.copy_(y)
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
     values = weight.pair_words

@@ -54,6 +54,8 @@ def test_gemm_matches_fp64(dtype, shape, m, path):
     bias = torch.randn(shape[0], generator=generator).to(dtype).to(DEVICE)
     out = torch.full((m, shape[0]), float("nan"), dtype=dtype, device=DEVICE)  # poison
     spense_gemm(x, gemm_weight, bias, config=CONFIGS.get(path), out=out)
+    if (CONFIGS.get(path) or choose_config(m, *shape[:2], torch.device(DEVICE))).kernel == "unpack":
+        assert torch.equal(spense_gemm(x, gemm_weight, bias, config=CONFIGS.get(path)), out)  # no out: same y
     expected = x.double().cpu() @ weight.double().t() + bias.double().cpu()
     error = (out.double().cpu() - expected).norm() / expected.norm()
     assert torch.isfinite(out).all()
@@ -133,6 +135,8 @@ def test_fp8_gemm_matches_fp64(dtype, shape, m, path):
     out = torch.full((m, shape[0]), float("nan"), dtype=dtype, device=DEVICE)  # poison
     spense_gemm(x.to(DEVICE), gemm_weight, bias, config=config, out=out)
     used = config or choose_config(m, *shape[:2], torch.device(DEVICE), fp8=True)
+    if used.kernel == "unpack":
+        assert torch.equal(spense_gemm(x.to(DEVICE), gemm_weight, bias, config=config), out)  # no out: same y
     x_ref = fp8_round(x.float(), fp8_scales(x.float())) if used.quantize_x else x
     expected = x_ref.double() @ weight.double().t() + bias.double().cpu()
     error = (out.double().cpu() - expected).norm() / expected.norm()
