@@ -542,16 +542,24 @@ def expand_fp8(weight: SpenseGemmWeight, dtype: torch.dtype, block_n: int = 32, 
     return _expand(weight, out, block_n, block_g, with_dense=True, scale=scale)
 
 
+def _row_buffer(rows: int, m: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A ``[rows, k]`` buffer for ``m`` rows of x padded to whole tiles: the padding rows reach only output
+    rows that are never stored, so they stay unset on the GPU; elsewhere they are zeroed, since Triton's
+    CPU interpreter warns about arithmetic on garbage."""
+    buffer = torch.empty(rows, k, device=device, dtype=dtype)
+    if rows > m and device.type != "cuda":
+        buffer[m:].zero_()
+    return buffer
+
+
 def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x[:, channel_perm]`` quantized per row to float8_e4m3fn, in a buffer of ``rows >= M`` rows (the
     padding rows are left unset), and the per-row scales ``[rows]`` float32."""
     m, k = x.shape
-    quantized = torch.empty(rows, k, device=x.device, dtype=torch.float8_e4m3fn)
+    quantized = _row_buffer(rows, m, k, torch.float8_e4m3fn, x.device)
     scale = torch.empty(rows, device=x.device, dtype=torch.float32)
     if rows > m:
         scale[m:] = 1.0
-        if x.device.type != "cuda":
-            quantized[m:].zero_()  # Triton's CPU interpreter would warn about arithmetic on the garbage rows
     _quantize_rows_kernel[(m,)](x, channel_perm, quantized, scale, k, x.stride(0), quantized.stride(0),
                                 BLOCK_K=min(1024, triton.next_power_of_2(k)))
     return quantized, scale
@@ -588,8 +596,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     if m == 0:
         return result
     gather = config.kernel == "gemv" and config.gather_x
-    # The MMA kernel reads whole BLOCK_M-row tiles of x unmasked when the permuted copy is padded to them;
-    # the padding rows are never initialised and only reach output rows that are never stored.
+    # The MMA kernel reads whole BLOCK_M-row tiles of x unmasked when the permuted copy is padded to them.
     rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
     padded = rows != m
     x_scale = None
@@ -598,10 +605,8 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     elif w8a8:
         x_perm, x_scale = quantize_rows_fp8(x, weight.channel_perm, rows)
     else:  # dense channels first, then the 2:4 channels
-        x_perm = torch.empty(rows, weight.k, device=x.device, dtype=x.dtype)
+        x_perm = _row_buffer(rows, m, weight.k, x.dtype, x.device)
         torch.index_select(x, 1, weight.channel_perm, out=x_perm[:m])
-        if padded and x.device.type != "cuda":
-            x_perm[m:].zero_()  # Triton's CPU interpreter would warn about arithmetic on the garbage rows
     if config.kernel == "unpack":  # prefill: cuBLAS allocates its own output; copy only into a given ``out``
         y = _prefill(x_perm, x_scale, weight, bias, config, x.dtype)
         return y if out is None else out.copy_(y)
