@@ -20,6 +20,10 @@ from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, UNPACK_AND_CUBL
                                              choose_config, spense_gemm)
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# W8A8 multiplies FP8 operands on the tensor cores, whose accumulation keeps fewer bits than fp32 (about 14
+# on Hopper, DeepSeek-V3 report, section 3.3.2): bf16-level error whatever the output dtype. Measured worst
+# 2.0e-3 for fp16 on the H100 (n=37, k=256, split-K), against 2.4e-4 for W8A16.
+W8A8_TOLERANCE = 1e-2
 SHAPES = [(6144, 4096, 8), (4096, 12288, 4), (2560, 5120, 0), (1000, 640, 16), (37, 256, 2)]
 MS = [1, 3, 16, 17, 64, 100, 256, 1000, 4096]
 # --quick (what runs under compute-sanitizer, ~100x slower): ragged shapes, every path still reached.
@@ -40,7 +44,8 @@ def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: b
     groups[zeroed] = 0
     if not fp8:
         return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128))
-    scale = fp8_scales(weight * torch.rand(n, 1, device="cuda"))
+    weight *= torch.rand(n, 1, device="cuda") + 0.05  # rows of different magnitudes, each with its own scale
+    scale = fp8_scales(weight)
     weight = fp8_round(weight, scale)
     return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128, weight_scale=scale))
 
@@ -79,7 +84,7 @@ def main(quick: bool = False) -> int:
                     key = (f"{str(dtype)[6:]}{' fp8 W8A8' if w8a8 else ' fp8 W8A16' if fp8 else ''} {used.kernel} "
                            f"block_m={used.block_m} split_k>1={used.split_k > 1}{' gather' if used.gather_x else ''}")
                     worst[key] = max(worst.get(key, 0.0), err)
-                    if not (err < TOLERANCE[dtype]) or not torch.isfinite(out).all():
+                    if not (err < (W8A8_TOLERANCE if w8a8 else TOLERANCE[dtype])) or not torch.isfinite(out).all():
                         failures += 1
                         print(f"FAIL {dtype} n={n} k={k} dense={dense} m={m} path={path} rel_err={err:.2e}")
     print("| dtype / path | worst relative error |")
