@@ -98,23 +98,38 @@ def rotating_weights(name: str, rho: float, fp8: bool = False):
     return k, [spense_weight_for(base, rho, fp8) for _ in range(copies)], [base.clone() for _ in range(copies)]
 
 
-def decode_configs(m: int, fp8: bool = False):
+SWEEP_KERNELS = ("mma", "swap", "gemv")
+
+
+def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_KERNELS):
     """Tile configs worth timing at decode: at M = 1 the CUDA-core gemv (x read through channel_perm in the
     kernel; rows per program, dense columns / 2:4 groups per step, warps), larger steps for FP8's 1-byte
-    values; at M > 1 the MMA kernel (FP8: W8A16 and W8A8)."""
+    values; at M > 1 those of ``kernels``: the MMA kernel (FP8: W8A16 and W8A8), the same with
+    ``swap_ab`` (64 or 128 rows of W per program), and the gemv kernel with all M rows in one program."""
     from vllm_spense.kernels.spense_gemm import KernelConfig
 
     if m > 1:
-        return [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8)
-                for block_n, (kd, g), split_k, w8a8 in itertools.product(
-                    (16, 32, 64), ((128, 64), (256, 128)), (1, 2, 4), (False, True) if fp8 else (False,))]
+        steps, modes = ((128, 64), (256, 128)), (False, True) if fp8 else (False,)
+        configs = {
+            "mma": [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8)
+                    for block_n, (kd, g), split_k, w8a8 in itertools.product((16, 32, 64), steps, (1, 2, 4), modes)],
+            "swap": [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8, swap_ab=True)
+                     for block_n, (kd, g), split_k, w8a8 in itertools.product((64, 128), steps, (1, 2, 4), modes)],
+            # gemv: steps where the [rows, block_n, kd] fp32 partial-product tile stays within 8192 values
+            # (64 registers a thread at 4 warps).
+            "gemv": [KernelConfig(rows, block_n, kd, kd // 2, 1, warps, 3, "gemv", gather_x=True)
+                     for rows in (triton.next_power_of_2(m),)
+                     for block_n, kd, warps in itertools.product((4, 8, 16), (64, 128, 256, 512), (4, 8))
+                     if 1024 <= rows * block_n * kd <= 8192]}
+        return [config for kernel in kernels for config in configs[kernel]]
     steps = ((512, 256), (1024, 512), (1024, 1024), (2048, 1024)) if fp8 else \
         ((256, 128), (256, 256), (512, 256), (512, 512), (1024, 512))
     return [KernelConfig(m, block_n, kd, g, 1, warps, 3, "gemv", gather_x=True)
             for block_n, (kd, g), warps in itertools.product((4, 8, 16), steps, (4, 8))]
 
 
-def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,)) -> None:
+def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,),
+                 kernels: tuple[str, ...] = SWEEP_KERNELS) -> None:
     """Time decode tile configs (``decode_configs``) on the Qwen3-8B shapes at rho = 0.25 against cuBLAS
     (and dense FP8 with ``fp8``) and the default path (what choose_config encodes), at each M of ``ms``."""
     from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, choose_config
@@ -140,7 +155,7 @@ def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,)
                 row["dense_fp8_us"] = timed(dense_fp8[1], dense_fp8[0], [dense_fp8[2](x) for x in xs]) * 1e3
             if old is not None and m <= 4 and not fp8:
                 row["old_gemv_us"] = timed(lambda w, x: old.spense_gemm(x, w), ws, xs) * 1e3
-            timings, configs = {}, {str(config): config for config in decode_configs(m, fp8)}
+            timings, configs = {}, {str(config): config for config in decode_configs(m, fp8, kernels)}
             for config in configs.values():
                 try:
                     timings[str(config)] = timed(lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
@@ -202,6 +217,8 @@ def main() -> None:
     parser.add_argument("--sweep", help="also time decode tile configs; write them to this JSON file")
     parser.add_argument("--crossover", help="only time MMA vs unpack + cuBLAS for mid-size M; write this JSON file")
     parser.add_argument("--sweep-ms", nargs="*", type=int, default=[1], help="the M values --sweep times")
+    parser.add_argument("--sweep-kernels", nargs="*", choices=SWEEP_KERNELS, default=list(SWEEP_KERNELS),
+                        help="the kernels --sweep times at M > 1 (decode_configs)")
     parser.add_argument("--fp8", action="store_true", help="also time the FP8 variants (fp8_variants)")
     parser.add_argument("--fp8-only", action="store_true", help="cuBLAS bf16 and the FP8 variants only")
     args = parser.parse_args()
@@ -209,7 +226,7 @@ def main() -> None:
     if args.crossover:
         return crossover(args.crossover)
     if args.sweep:
-        sweep_decode(args.sweep, args.fp8, tuple(args.sweep_ms))
+        sweep_decode(args.sweep, args.fp8, tuple(args.sweep_ms), tuple(args.sweep_kernels))
         if args.fp8:
             return None
     bandwidth = copy_bandwidth()
