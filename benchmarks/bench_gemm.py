@@ -98,14 +98,14 @@ def rotating_weights(name: str, rho: float, fp8: bool = False):
     return k, [spense_weight_for(base, rho, fp8) for _ in range(copies)], [base.clone() for _ in range(copies)]
 
 
-SWEEP_KERNELS = ("mma", "swap", "gemv")
+SWEEP_KERNELS = ("mma", "gemv")
 
 
 def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_KERNELS):
     """Tile configs worth timing at decode: at M = 1 the CUDA-core gemv (x read through channel_perm in the
     kernel; rows per program, dense columns / 2:4 groups per step, warps), larger steps for FP8's 1-byte
-    values; at M > 1 those of ``kernels``: the MMA kernel (FP8: W8A16 and W8A8), the same with
-    ``swap_ab`` (64 or 128 rows of W per program), and the gemv kernel with all M rows in one program."""
+    values; at M > 1 those of ``kernels``: the MMA kernel (FP8: W8A16 and W8A8) and the gemv kernel with
+    all M rows in one program."""
     from vllm_spense.kernels.spense_gemm import KernelConfig
 
     if m > 1:
@@ -113,8 +113,6 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_K
         configs = {
             "mma": [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8)
                     for block_n, (kd, g), split_k, w8a8 in itertools.product((16, 32, 64), steps, (1, 2, 4), modes)],
-            "swap": [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8, swap_ab=True)
-                     for block_n, (kd, g), split_k, w8a8 in itertools.product((64, 128), steps, (1, 2, 4), modes)],
             # gemv: steps where the [rows, block_n, kd] fp32 partial-product tile stays within 8192 values
             # (64 registers a thread at 4 warps).
             "gemv": [KernelConfig(rows, block_n, kd, kd // 2, 1, warps, 3, "gemv", gather_x=True)

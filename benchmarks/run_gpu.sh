@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine (the CUDA image: torch, triton, transformers).
-# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|sweep|sweep_fp8|sweep_mma|sweep_batch|sweep_swap|sweep_swap_fp8|crossover|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
+# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|sweep|sweep_fp8|sweep_mma|sweep_batch|crossover|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
 set -uo pipefail
 out=${1:-/tmp/spense-gpu}; shift || true
 steps=${*:-check plugin gemm prune}
@@ -24,8 +24,6 @@ for step in $steps; do
     sweep_mma) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep_mma.json" --sweep-ms 8 --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1
                python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_mma_fp8.json" --sweep-ms 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
     sweep_batch) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep_batch.json" --sweep-ms 2 4 8 16 --sweep-kernels mma gemv --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
-    sweep_swap) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep_swap.json" --sweep-ms 2 8 16 --sweep-kernels mma swap --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
-    sweep_swap_fp8) python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_swap_fp8.json" --sweep-ms 2 8 16 --sweep-kernels mma swap 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
     sweep) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep.json" --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
     gemm)  python3 "$src/benchmarks/bench_gemm.py" --fp8 --json "$out/bench_gemm.json" 2>&1 | tail -n 200 > "$out/bench_gemm.log" || status=1 ;;
     prune) python3 "$src/benchmarks/bench_prune.py" --json "$out/bench_prune.json" 2>&1 | grep -v "pruning:" | tee "$out/bench_prune.log" || status=1 ;;

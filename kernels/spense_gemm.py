@@ -93,22 +93,6 @@ def _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
 
 
 @triton.jit
-def _mma(acc, x, w, FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
-    """``acc += x @ w^T``; with ``SWAP_AB`` the transposed product ``acc^T += w @ x^T``, which puts W's rows
-    on the MMA's wide side (64 on Hopper) and x's few rows on the narrow one."""
-    if SWAP_AB:
-        if FP32_DOT:
-            return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
-        else:
-            return tl.dot(w, tl.trans(x), acc)
-    else:
-        if FP32_DOT:
-            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            return tl.dot(x, tl.trans(w), acc)
-
-
-@triton.jit
 def _spense_gemm_kernel(
     # pointers
     x_ptr, dense_w_ptr, sparse_w_ptr, meta_ptr, bias_ptr, out_ptr,
@@ -119,7 +103,7 @@ def _spense_gemm_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
-    PADDED_M: tl.constexpr = False, w_scale_ptr=None, x_scale_ptr=None, SWAP_AB: tl.constexpr = False,
+    PADDED_M: tl.constexpr = False, w_scale_ptr=None, x_scale_ptr=None,
 ):
     """FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
     quantized per row to FP8 (``x_scale_ptr`` set), multiplied as FP8 on the tensor cores (W8A8); the
@@ -131,10 +115,7 @@ def _spense_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
 
     # Dense region: columns [0, KD) of the permuted activations times the stored dense columns.
     offs_kd = tl.arange(0, BLOCK_KD)
@@ -145,7 +126,10 @@ def _spense_gemm_kernel(
                     mask=(mask_m[:, None] | PADDED_M) & mask_k[None, :], other=0.0)
         w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(x_ptr.dtype.element_ty)
-        acc = _mma(acc, x, w, FP32_DOT, SWAP_AB)
+        if FP32_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
 
     # 2:4 region, BLOCK_G groups (BLOCK_G / 2 pairs) per step, expanded in registers into one zero-filled
     # [BLOCK_N, 4 * BLOCK_G] tile (``_expand_pairs``) against 4 * BLOCK_G contiguous activation columns.
@@ -165,10 +149,11 @@ def _spense_gemm_kernel(
         cols = KD + 8 * p0 + offs_c
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                     mask=(mask_m[:, None] | PADDED_M) & (cols < KD + 4 * GS)[None, :], other=0.0)
-        acc = _mma(acc, x, w, FP32_DOT, SWAP_AB)
+        if FP32_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
 
-    if SWAP_AB:
-        acc = tl.trans(acc)
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
                   w_scale_ptr, x_scale_ptr)
 
@@ -464,7 +449,6 @@ class KernelConfig:
     gather_x: bool = False  # gemv only: read x through channel_perm in the kernel instead of a permuted copy
     pad_rows: bool = True  # mma only: pad the permuted x to whole BLOCK_M-row tiles, read without row masks
     quantize_x: bool = False  # FP8 weights, mma/unpack only: x quantized per row to FP8 too (W8A8), not W8A16
-    swap_ab: bool = False  # mma only: multiply W @ x^T (W's rows on the MMA's wide side) and store transposed
 
 
 # Decode, one row: the CUDA-core kernel, 8 rows x (512 dense columns, 256 2:4 groups) per step, x read
@@ -645,7 +629,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(weight.n, config.block_n), config.split_k)
         _spense_gemm_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
                                   FP32_DOT=x_perm.dtype == torch.float32, **tiles, PADDED_M=padded,
-                                  w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale, SWAP_AB=config.swap_ab)
+                                  w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale)
     if config.split_k > 1:
         result.copy_(acc)
     return result

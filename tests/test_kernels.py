@@ -25,7 +25,6 @@ CONFIGS = {
     "decode split-k": KernelConfig(16, 64, 64, 16, 3, 4, 2),
     "mid": KernelConfig(64, 128, 64, 16, 1, 4, 2),
     "decode unpadded": KernelConfig(16, 32, 64, 16, 1, 4, 2, pad_rows=False),
-    "decode swap-ab split-k": KernelConfig(16, 64, 64, 16, 2, 4, 2, swap_ab=True),
     "gemv": KernelConfig(4, 32, 32, 16, 1, 4, 1, "gemv"),
     "gemv split-k": KernelConfig(4, 16, 16, 8, 3, 4, 1, "gemv"),
     "gemv gather": KernelConfig(4, 8, 32, 16, 2, 4, 1, "gemv", gather_x=True),
@@ -100,7 +99,6 @@ FP8_CONFIGS = {
     "mma W8A16": KernelConfig(16, 32, 64, 16, 1, 4, 2),
     "mma W8A16 split-k": KernelConfig(16, 32, 32, 16, 3, 4, 2, pad_rows=False),
     "mma W8A8": KernelConfig(16, 32, 64, 32, 1, 4, 2, quantize_x=True),
-    "mma W8A8 swap-ab": KernelConfig(16, 64, 64, 32, 1, 4, 2, quantize_x=True, swap_ab=True),
     "prefill W8A16": UNPACK_AND_CUBLAS,
     "prefill W8A8": FP8_PREFILL,
 }
