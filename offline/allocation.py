@@ -44,8 +44,9 @@ DECAY_ROWS = 256  # rows per matrix sampled for the decay's OBS sweeps
 
 
 @dataclasses.dataclass
-class LayerSensitivity:
-    """One decoder layer: its Linears, their weight count, and its measured loss rise at plain 2:4."""
+class BlockSensitivity:
+    """One sub-block of a decoder layer (attention or MLP): its Linears, their weight count, and the loss rise
+    measured when they alone are pruned to plain 2:4."""
 
     linears: tuple[str, ...]
     weights: int
@@ -74,9 +75,8 @@ def dense_plan(model: nn.Module, calibration: torch.Tensor, recipe: "PruneRecipe
 
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "PruneRecipe", chunk_size: int, *,
-                        device: torch.device, batch_size: int) -> tuple[list[LayerSensitivity], float]:
+                        device: torch.device, batch_size: int) -> tuple[list[BlockSensitivity], float]:
     """The first pass (module docstring). The whole model runs on ``device`` for the loss passes."""
-    from vllm_spense.offline.evaluate import perplexity
     from vllm_spense.offline.pruner import _run_layer, capture_layer_inputs, collect_hessians
     from vllm_spense.offline.selection import balanced_top_groups
     from vllm_spense.offline.sparsegpt import sparsify_weight
@@ -84,13 +84,14 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
     names = {module: name for name, module in model.named_modules()}
     inputs, kwargs = capture_layer_inputs(model, calibration, device)
     model.to(device)
-    windows = calibration[:SENSITIVITY_WINDOWS]
-    base = math.log(perplexity(model, windows))
+    windows = calibration[:SENSITIVITY_WINDOWS].to(device)
+    layers = decoder_layers(model)
+    base = suffix_loss(model, 0, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size)
     groups_per_chunk = chunk_size // GROUP_SIZE
     probe = min(groups_per_chunk - 2, max(2, 2 * round(recipe.dense_fraction * groups_per_chunk / 2)))
     generator = torch.Generator().manual_seed(recipe.seed)
     found, log_ratios = [], []
-    for layer in tqdm(decoder_layers(model), desc="sensitivity", unit="layer"):
+    for index, layer in enumerate(tqdm(layers, desc="sensitivity", unit="layer")):
         prefix = names[layer]
         linears = target_linears(layer)
         pruned = {}
@@ -110,15 +111,16 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
                                               blocksize=recipe.blocksize, damp=recipe.damp).loss
             if plain_loss > 0 and with_dense > 0:
                 log_ratios.append(math.log(with_dense / plain_loss))
+        for block in layer_blocks(linears):
+            original = {name: linears[name].weight.detach().clone() for name in block}
+            for name in block:
+                linears[name].weight.copy_(pruned[name])
+            rise = suffix_loss(model, index, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size) - base
+            for name, weight in original.items():
+                linears[name].weight.copy_(weight)
+            found.append(BlockSensitivity(tuple(f"{prefix}.{name}" for name in block),
+                                          sum(linears[name].weight.numel() for name in block), rise))
         inputs = _run_layer(layer, inputs, kwargs, batch_size)
-        original = {name: linears[name].weight.detach().clone() for name in pruned}
-        for name, weight in pruned.items():
-            linears[name].weight.copy_(weight)
-        rise = math.log(perplexity(model, windows)) - base
-        for name, weight in original.items():
-            linears[name].weight.copy_(weight)
-        found.append(LayerSensitivity(tuple(f"{prefix}.{name}" for name in linears),
-                                      sum(linear.weight.numel() for linear in linears.values()), rise))
     model.to("cpu")
     if not log_ratios:  # no OBS error anywhere (an all-zero model): any plan is as good
         return found, 1.0
@@ -127,7 +129,34 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
     return found, decay
 
 
-def adaptive_plan(layers: list[LayerSensitivity], decay: float, budget: float, chunk_size: int) -> DensePlan:
+def layer_blocks(linears: dict[str, nn.Linear]) -> list[tuple[str, ...]]:
+    """A decoder layer's Linears by sub-block (attention, MLP): the first part of their names inside the layer."""
+    blocks: dict[str, list[str]] = {}
+    for name in linears:
+        blocks.setdefault(name.split(".")[0], []).append(name)
+    return [tuple(names) for names in blocks.values()]
+
+
+@torch.no_grad()
+def suffix_loss(model: nn.Module, start: int, hidden: torch.Tensor, windows: torch.Tensor, kwargs: dict,
+                batch_size: int) -> float:
+    """Mean next-token loss on ``windows``, running only decoder layers ``start..`` and the head on ``hidden``
+    (the windows' dense input to layer ``start``): a change to one layer needs no pass through those before it."""
+    layers, norm, head = decoder_layers(model), model.get_decoder().norm, model.get_output_embeddings()
+    total = 0.0
+    for begin in range(0, hidden.shape[0], batch_size):
+        state = hidden[begin:begin + batch_size]
+        for layer in layers[start:]:
+            out = layer(state, **kwargs)
+            state = out[0] if isinstance(out, tuple) else out
+        logits = head(norm(state))[:, :-1].float()
+        tokens = windows[begin:begin + batch_size, 1:]
+        total += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1),
+                                                   reduction="sum"))
+    return total / windows[:, 1:].numel()
+
+
+def adaptive_plan(layers: list[BlockSensitivity], decay: float, budget: float, chunk_size: int) -> DensePlan:
     """Per-layer dense groups per chunk minimising ``sum(rise_i * exp(-decay * rho_i))`` under the budget.
 
     Greedy: the next step (two dense groups per chunk) goes to the layer whose modelled loss falls most per

@@ -17,17 +17,18 @@ from vllm_spense.checkpoint import check_checkpoint_headers, dense_state_dict, r
 from vllm_spense.format import (GROUP_SIZE, SpenseFormatError, SpenseQuantConfig, dense_fraction_for_bytes, pack,
                                 stored_bytes_ratio)
 from vllm_spense.offline import cli
-from vllm_spense.offline.models import load_model
-from vllm_spense.offline.allocation import LayerSensitivity, adaptive_plan, measure_sensitivity
-from vllm_spense.offline.pruner import PruneError, PruneRecipe
+from vllm_spense.offline.allocation import BlockSensitivity, adaptive_plan, measure_sensitivity, suffix_loss
+from vllm_spense.offline.evaluate import perplexity
+from vllm_spense.offline.models import decoder_layers, load_model
+from vllm_spense.offline.pruner import PruneError, PruneRecipe, _run_layer, capture_layer_inputs
 
 
-def random_layers(generator, count: int, same_size: bool) -> list[LayerSensitivity]:
+def random_layers(generator, count: int, same_size: bool) -> list[BlockSensitivity]:
     layers = []
     for i in range(count):
         weights = 4096 if same_size else int(torch.randint(1, 9, (1,), generator=generator)) * 1024
         rise = float(torch.rand(1, generator=generator)) * 10 ** float(torch.randint(-3, 0, (1,), generator=generator))
-        layers.append(LayerSensitivity((f"layers.{i}.q_proj", f"layers.{i}.down_proj"), weights, rise))
+        layers.append(BlockSensitivity((f"layers.{i}.q_proj", f"layers.{i}.down_proj"), weights, rise))
     return layers
 
 
@@ -81,10 +82,23 @@ def test_sensitivity_pass_measures_and_restores(sensitive_tiny_dir):
     calibration = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
     layers, decay = measure_sensitivity(model, calibration, PruneRecipe(dense_fraction=0.25), 64,
                                         device=torch.device("cpu"), batch_size=4)
-    assert [s.linears[0] for s in layers] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
-    assert all(len(s.linears) == 7 and s.weights == 196608 for s in layers)
-    assert layers[0].loss_rise > max(layers[1].loss_rise, 0) and decay > 0
+    assert [s.linears[0] for s in layers] == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj",
+                                              "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.gate_proj"]
+    assert [len(s.linears) for s in layers] == [4, 3, 4, 3]
+    assert sum(s.weights for s in layers[:2]) == 196608
+    assert sum(s.loss_rise for s in layers[:2]) > max(sum(s.loss_rise for s in layers[2:]), 0) and decay > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_suffix_loss_is_the_models_loss(sensitive_tiny_dir, generator):
+    """From any layer's cached input, the rest of the model gives the full model's mean token loss."""
+    model = load_model(sensitive_tiny_dir)[0]
+    windows = torch.randint(0, 512, (5, 37), generator=generator)
+    inputs, kwargs = capture_layer_inputs(model, windows, torch.device("cpu"))
+    expected = math.log(perplexity(model, windows))
+    for start in range(len(decoder_layers(model))):
+        assert suffix_loss(model, start, inputs, windows, kwargs, batch_size=2) == pytest.approx(expected, rel=1e-5)
+        inputs = _run_layer(decoder_layers(model)[start], inputs, kwargs, batch_size=3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
