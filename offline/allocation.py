@@ -7,12 +7,13 @@ A *dense plan* maps every targeted Linear (full module name) to its dense groups
 calibration windows (never the evaluation text), in the spirit of OWL (Yin et al., 2024) but measured end to
 end rather than read from outlier counts:
 
-- ``sensitivity``: each decoder layer alone is pruned to plain 2:4 (SparseGPT on the dense model's inputs)
-  and the rise of the model's loss on the first ``SENSITIVITY_WINDOWS`` calibration windows is recorded;
-- ``decay``: how fast a dense region shrinks a layer's error, from the same pass: per layer input, the OBS
+- ``loss_rise``: each decoder layer alone is pruned to plain 2:4 (SparseGPT on the dense model's inputs)
+  and the rise of the model's loss on the first ``SENSITIVITY_WINDOWS`` calibration windows is recorded,
+  running only that layer and those after it on their cached dense inputs (``suffix_loss``);
+- ``decay``: how fast a dense region shrinks the layer's error, from the same pass: over its inputs, the OBS
   error with a budget-sized dense region over the plain 2:4 error, ``exp(-decay * rho)`` (on a row sample).
 
-A layer's loss rise is modelled as ``sensitivity * exp(-decay * rho)``; ``adaptive_plan`` spends the budget,
+A layer's loss rise is modelled as ``loss_rise * exp(-decay * rho)``; ``adaptive_plan`` spends the budget,
 two dense groups per chunk at a time, where that modelled loss falls most per dense weight. Every Linear of a
 layer gets the layer's fraction, so layers vLLM merges (q/k/v, gate/up) share one by construction.
 """
@@ -44,13 +45,14 @@ DECAY_ROWS = 256  # rows per matrix sampled for the decay's OBS sweeps
 
 
 @dataclasses.dataclass
-class BlockSensitivity:
-    """One sub-block of a decoder layer (attention or MLP): its Linears, their weight count, and the loss rise
-    measured when they alone are pruned to plain 2:4."""
+class LayerSensitivity:
+    """One decoder layer: its Linears, their weight count, the loss rise measured when it alone is pruned to
+    plain 2:4, and how fast a dense region shrinks its OBS error (``decay``)."""
 
     linears: tuple[str, ...]
     weights: int
     loss_rise: float
+    decay: float
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -68,14 +70,13 @@ def dense_plan(model: nn.Module, calibration: torch.Tensor, recipe: "PruneRecipe
     """The recipe's plan: uniform, or adaptive after the sensitivity pass on ``calibration``."""
     if recipe.allocation == "uniform" or recipe.dense_fraction == 0:
         return uniform_plan(model, recipe.dense_fraction, chunk_size)
-    layers, decay = measure_sensitivity(model, calibration, recipe, chunk_size, device=device,
-                                        batch_size=batch_size)
-    return adaptive_plan(layers, decay, recipe.dense_fraction, chunk_size)
+    layers = measure_sensitivity(model, calibration, recipe, chunk_size, device=device, batch_size=batch_size)
+    return adaptive_plan(layers, recipe.dense_fraction, chunk_size)
 
 
 @torch.no_grad()
 def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "PruneRecipe", chunk_size: int, *,
-                        device: torch.device, batch_size: int) -> tuple[list[BlockSensitivity], float]:
+                        device: torch.device, batch_size: int) -> list[LayerSensitivity]:
     """The first pass (module docstring). The whole model runs on ``device`` for the loss passes."""
     from vllm_spense.offline.pruner import _run_layer, capture_layer_inputs, collect_hessians
     from vllm_spense.offline.selection import balanced_top_groups
@@ -85,16 +86,15 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
     inputs, kwargs = capture_layer_inputs(model, calibration, device)
     model.to(device)
     windows = calibration[:SENSITIVITY_WINDOWS].to(device)
-    layers = decoder_layers(model)
     base = suffix_loss(model, 0, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size)
     groups_per_chunk = chunk_size // GROUP_SIZE
     probe = min(groups_per_chunk - 2, max(2, 2 * round(recipe.dense_fraction * groups_per_chunk / 2)))
     generator = torch.Generator().manual_seed(recipe.seed)
-    found, log_ratios = [], []
-    for index, layer in enumerate(tqdm(layers, desc="sensitivity", unit="layer")):
+    found = []
+    for index, layer in enumerate(tqdm(decoder_layers(model), desc="sensitivity", unit="layer")):
         prefix = names[layer]
         linears = target_linears(layer)
-        pruned = {}
+        pruned, log_ratios = {}, []
         for group, hessian in collect_hessians(layer, inputs, kwargs, batch_size).items():
             plain = {name: sparsify_weight(linears[name].weight, hessian, order="natural", blocksize=recipe.blocksize,
                                            damp=recipe.damp, layer=f"{prefix}.{name}") for name in group}
@@ -111,30 +111,21 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
                                               blocksize=recipe.blocksize, damp=recipe.damp).loss
             if plain_loss > 0 and with_dense > 0:
                 log_ratios.append(math.log(with_dense / plain_loss))
-        for block in layer_blocks(linears):
-            original = {name: linears[name].weight.detach().clone() for name in block}
-            for name in block:
-                linears[name].weight.copy_(pruned[name])
-            rise = suffix_loss(model, index, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size) - base
-            for name, weight in original.items():
-                linears[name].weight.copy_(weight)
-            found.append(BlockSensitivity(tuple(f"{prefix}.{name}" for name in block),
-                                          sum(linears[name].weight.numel() for name in block), rise))
+        original = {name: linears[name].weight.detach().clone() for name in pruned}
+        for name, weight in pruned.items():
+            linears[name].weight.copy_(weight)
+        rise = suffix_loss(model, index, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size) - base
+        for name, weight in original.items():
+            linears[name].weight.copy_(weight)
+        # No OBS error anywhere (an all-zero layer): any decay is as good.
+        decay = -sum(log_ratios) / len(log_ratios) / (probe * GROUP_SIZE / chunk_size) if log_ratios else 1.0
+        found.append(LayerSensitivity(tuple(f"{prefix}.{name}" for name in linears),
+                                      sum(linear.weight.numel() for linear in linears.values()), rise, decay))
         inputs = _run_layer(layer, inputs, kwargs, batch_size)
     model.to("cpu")
-    if not log_ratios:  # no OBS error anywhere (an all-zero model): any plan is as good
-        return found, 1.0
-    decay = -sum(log_ratios) / len(log_ratios) / (probe * GROUP_SIZE / chunk_size)
-    logger.info("sensitivity: loss rises %s, decay %.3g", [round(s.loss_rise, 4) for s in found], decay)
-    return found, decay
-
-
-def layer_blocks(linears: dict[str, nn.Linear]) -> list[tuple[str, ...]]:
-    """A decoder layer's Linears by sub-block (attention, MLP): the first part of their names inside the layer."""
-    blocks: dict[str, list[str]] = {}
-    for name in linears:
-        blocks.setdefault(name.split(".")[0], []).append(name)
-    return [tuple(names) for names in blocks.values()]
+    logger.info("sensitivity: loss rises %s, decays %s", [round(s.loss_rise, 4) for s in found],
+                [round(s.decay, 2) for s in found])
+    return found
 
 
 @torch.no_grad()
@@ -156,8 +147,8 @@ def suffix_loss(model: nn.Module, start: int, hidden: torch.Tensor, windows: tor
     return total / windows[:, 1:].numel()
 
 
-def adaptive_plan(layers: list[BlockSensitivity], decay: float, budget: float, chunk_size: int) -> DensePlan:
-    """Per-layer dense groups per chunk minimising ``sum(rise_i * exp(-decay * rho_i))`` under the budget.
+def adaptive_plan(layers: list[LayerSensitivity], budget: float, chunk_size: int) -> DensePlan:
+    """Per-layer dense groups per chunk minimising ``sum(rise_i * exp(-decay_i * rho_i))`` under the budget.
 
     Greedy: the next step (two dense groups per chunk) goes to the layer whose modelled loss falls most per
     dense weight added, while a step fits. The modelled loss of a layer only flattens as it gets denser, so
@@ -173,6 +164,7 @@ def adaptive_plan(layers: list[BlockSensitivity], decay: float, budget: float, c
         if d + 2 >= groups_per_chunk:  # the format keeps at least two 2:4 groups per chunk
             return None
         rho, cost = d / groups_per_chunk, layers[i].weights * 2 / groups_per_chunk
+        decay = layers[i].decay
         fall = layers[i].loss_rise * (math.exp(-decay * rho) - math.exp(-decay * (rho + 2 / groups_per_chunk)))
         return fall / cost, cost
 

@@ -17,23 +17,24 @@ from vllm_spense.checkpoint import check_checkpoint_headers, dense_state_dict, r
 from vllm_spense.format import (GROUP_SIZE, SpenseFormatError, SpenseQuantConfig, dense_fraction_for_bytes, pack,
                                 stored_bytes_ratio)
 from vllm_spense.offline import cli
-from vllm_spense.offline.allocation import BlockSensitivity, adaptive_plan, measure_sensitivity, suffix_loss
+from vllm_spense.offline.allocation import LayerSensitivity, adaptive_plan, measure_sensitivity, suffix_loss
 from vllm_spense.offline.evaluate import perplexity
 from vllm_spense.offline.models import decoder_layers, load_model
 from vllm_spense.offline.pruner import PruneError, PruneRecipe, _run_layer, capture_layer_inputs
 
 
-def random_layers(generator, count: int, same_size: bool) -> list[BlockSensitivity]:
+def random_layers(generator, count: int, same_size: bool) -> list[LayerSensitivity]:
     layers = []
     for i in range(count):
         weights = 4096 if same_size else int(torch.randint(1, 9, (1,), generator=generator)) * 1024
         rise = float(torch.rand(1, generator=generator)) * 10 ** float(torch.randint(-3, 0, (1,), generator=generator))
-        layers.append(BlockSensitivity((f"layers.{i}.q_proj", f"layers.{i}.down_proj"), weights, rise))
+        decay = 0.5 + 3 * float(torch.rand(1, generator=generator))
+        layers.append(LayerSensitivity((f"layers.{i}.q_proj", f"layers.{i}.down_proj"), weights, rise, decay))
     return layers
 
 
-def modelled_loss(layers, dense, decay, groups_per_chunk):
-    return sum(s.loss_rise * math.exp(-decay * d / groups_per_chunk) for s, d in zip(layers, dense))
+def modelled_loss(layers, dense, groups_per_chunk):
+    return sum(s.loss_rise * math.exp(-s.decay * d / groups_per_chunk) for s, d in zip(layers, dense))
 
 
 def spent(layers, dense, groups_per_chunk):
@@ -45,16 +46,15 @@ def test_adaptive_plan_is_optimal_for_equal_sized_layers(trial, generator):
     """Equal sizes: greedy must match exhaustive search over every plan of the format's steps."""
     chunk, gpc = 32, 8  # 0, 2, 4 or 6 dense groups per chunk
     layers = random_layers(generator, 4, same_size=True)
-    decay = 0.5 + 3 * float(torch.rand(1, generator=generator))
     budget = float(torch.rand(1, generator=generator)) * 0.7
-    plan = adaptive_plan(layers, decay, budget, chunk)
+    plan = adaptive_plan(layers, budget, chunk)
     dense = [plan[s.linears[0]] for s in layers]
     assert all(plan[s.linears[1]] == plan[s.linears[0]] for s in layers)  # one fraction per layer
     allowed = budget * sum(s.weights for s in layers) + 1e-6
-    best = min(modelled_loss(layers, combo, decay, gpc) for combo in itertools.product(range(0, gpc, 2), repeat=4)
+    best = min(modelled_loss(layers, combo, gpc) for combo in itertools.product(range(0, gpc, 2), repeat=4)
                if spent(layers, combo, gpc) <= allowed)
     assert spent(layers, dense, gpc) <= allowed
-    assert modelled_loss(layers, dense, decay, gpc) == pytest.approx(best, rel=1e-9)
+    assert modelled_loss(layers, dense, gpc) == pytest.approx(best, rel=1e-9)
 
 
 @pytest.mark.parametrize("trial", range(4))
@@ -62,7 +62,7 @@ def test_adaptive_plan_spends_the_budget_and_follows_the_rises(trial, generator)
     chunk, gpc = 64, 16
     layers = random_layers(generator, 12, same_size=False)
     budget = 0.05 + float(torch.rand(1, generator=generator)) * 0.6
-    plan = adaptive_plan(layers, 2.0, budget, chunk)
+    plan = adaptive_plan(layers, budget, chunk)
     dense = [plan[s.linears[0]] for s in layers]
     left = budget * sum(s.weights for s in layers) - spent(layers, dense, gpc)
     assert left >= -1e-6
@@ -72,7 +72,7 @@ def test_adaptive_plan_spends_the_budget_and_follows_the_rises(trial, generator)
             assert s.weights * 2 / gpc > left
     # A layer whose loss rise grows never gets fewer dense groups.
     boosted = [dataclasses.replace(s, loss_rise=s.loss_rise * 50) if i == 0 else s for i, s in enumerate(layers)]
-    assert adaptive_plan(boosted, 2.0, budget, chunk)[layers[0].linears[0]] >= dense[0]
+    assert adaptive_plan(boosted, budget, chunk)[layers[0].linears[0]] >= dense[0]
 
 
 def test_sensitivity_pass_measures_and_restores(sensitive_tiny_dir):
@@ -80,13 +80,11 @@ def test_sensitivity_pass_measures_and_restores(sensitive_tiny_dir):
     model = load_model(sensitive_tiny_dir)[0]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = torch.randint(0, 512, (8, 64), generator=torch.Generator().manual_seed(0))
-    layers, decay = measure_sensitivity(model, calibration, PruneRecipe(dense_fraction=0.25), 64,
-                                        device=torch.device("cpu"), batch_size=4)
-    assert [s.linears[0] for s in layers] == ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate_proj",
-                                              "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.gate_proj"]
-    assert [len(s.linears) for s in layers] == [4, 3, 4, 3]
-    assert sum(s.weights for s in layers[:2]) == 196608
-    assert sum(s.loss_rise for s in layers[:2]) > max(sum(s.loss_rise for s in layers[2:]), 0) and decay > 0
+    layers = measure_sensitivity(model, calibration, PruneRecipe(dense_fraction=0.25), 64,
+                                 device=torch.device("cpu"), batch_size=4)
+    assert [s.linears[0] for s in layers] == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert all(len(s.linears) == 7 and s.weights == 196608 and s.decay > 0 for s in layers)
+    assert layers[0].loss_rise > max(layers[1].loss_rise, 0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
