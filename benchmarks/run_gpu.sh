@@ -19,7 +19,7 @@ for step in $steps; do
               [ -n "$sanitizer" ] || { echo "compute-sanitizer not found" | tee "$out/memcheck.txt"; status=1; continue; }
               "$sanitizer" --tool memcheck --leak-check no python3 "$src/benchmarks/check_kernels_gpu.py" --quick 2>&1 \
                 | tail -n 60 | tee "$out/memcheck.txt"; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
-    report) python3 "$src/benchmarks/kernel_report.py" 2>&1 | tee "$out/kernel_report.txt" || status=1 ;;
+    report) python3 "$src/benchmarks/kernel_report.py" --json "$out/kernel_report.json" 2>&1 | tee "$out/kernel_report.txt" || status=1 ;;
     sweep_fp8) python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_fp8.json" --sweep-ms 1 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
     sweep_mma) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep_mma.json" --sweep-ms 8 --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1
                python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_mma_fp8.json" --sweep-ms 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
