@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 ALLOCATIONS = ("uniform", "adaptive")
 DensePlan = dict[str, int]  # Linear name -> dense groups per chunk
 SENSITIVITY_WINDOWS = 16  # calibration windows the loss rises are measured on
-DECAY_ROWS = 256  # rows per matrix sampled for the decay's OBS sweeps
 
 
 @dataclasses.dataclass
@@ -89,36 +88,25 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
     base = suffix_loss(model, 0, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size)
     groups_per_chunk = chunk_size // GROUP_SIZE
     probe = min(groups_per_chunk - 2, max(2, 2 * round(recipe.dense_fraction * groups_per_chunk / 2)))
-    generator = torch.Generator().manual_seed(recipe.seed)
+    rho_probe = probe * GROUP_SIZE / chunk_size
     found = []
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="sensitivity", unit="layer")):
         prefix = names[layer]
         linears = target_linears(layer)
-        pruned, log_ratios = {}, []
+        plain, probed = {}, {}  # plain 2:4, and with a budget-sized dense region
         for group, hessian in collect_hessians(layer, inputs, kwargs, batch_size).items():
-            plain = {name: sparsify_weight(linears[name].weight, hessian, order="natural", blocksize=recipe.blocksize,
-                                           damp=recipe.damp, layer=f"{prefix}.{name}") for name in group}
-            pruned.update({name: result.weight for name, result in plain.items()})
-            mask = balanced_top_groups(sum(result.group_loss for result in plain.values()), chunk_size, probe)
-            with_dense = plain_loss = 0.0
-            for name in group:
-                weight = linears[name].weight
-                rows = torch.randperm(weight.shape[0], generator=generator)[:DECAY_ROWS].to(weight.device)
-                sample = weight[rows]
-                plain_loss += sparsify_weight(sample, hessian, order="natural", blocksize=recipe.blocksize,
-                                              damp=recipe.damp).loss
-                with_dense += sparsify_weight(sample, hessian, dense_mask=mask, order="dense-last",
-                                              blocksize=recipe.blocksize, damp=recipe.damp).loss
-            if plain_loss > 0 and with_dense > 0:
-                log_ratios.append(math.log(with_dense / plain_loss))
-        original = {name: linears[name].weight.detach().clone() for name in pruned}
-        for name, weight in pruned.items():
-            linears[name].weight.copy_(weight)
-        rise = suffix_loss(model, index, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size) - base
-        for name, weight in original.items():
-            linears[name].weight.copy_(weight)
-        # No OBS error anywhere (an all-zero layer): any decay is as good.
-        decay = -sum(log_ratios) / len(log_ratios) / (probe * GROUP_SIZE / chunk_size) if log_ratios else 1.0
+            results = {name: sparsify_weight(linears[name].weight, hessian, order="natural", blocksize=recipe.blocksize,
+                                             damp=recipe.damp, layer=f"{prefix}.{name}") for name in group}
+            plain.update({name: result.weight for name, result in results.items()})
+            mask = balanced_top_groups(sum(result.group_loss for result in results.values()), chunk_size, probe)
+            probed.update({name: sparsify_weight(linears[name].weight, hessian, dense_mask=mask, order="dense-last",
+                                                 blocksize=recipe.blocksize, damp=recipe.damp).weight
+                           for name in group})
+        rise, rise_probed = (_loss_with(model, linears, weights, index, inputs, windows, kwargs, batch_size) - base
+                             for weights in (plain, probed))
+        # rise * exp(-decay * rho) through both measurements; a dense region that removes (nearly) all of the
+        # rise counts as removing 99% of it, and one that does not help as no decay.
+        decay = max(0.0, math.log(rise / max(rise_probed, 0.01 * rise)) / rho_probe) if rise > 0 else 1.0
         found.append(LayerSensitivity(tuple(f"{prefix}.{name}" for name in linears),
                                       sum(linear.weight.numel() for linear in linears.values()), rise, decay))
         inputs = _run_layer(layer, inputs, kwargs, batch_size)
@@ -126,6 +114,19 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
     logger.info("sensitivity: loss rises %s, decays %s", [round(s.loss_rise, 4) for s in found],
                 [round(s.decay, 2) for s in found])
     return found
+
+
+def _loss_with(model: nn.Module, linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor], index: int,
+               inputs: torch.Tensor, windows: torch.Tensor, kwargs: dict, batch_size: int) -> float:
+    """``suffix_loss`` with layer ``index``'s Linears holding ``weights``; the model comes back unchanged."""
+    original = {name: linears[name].weight.detach().clone() for name in weights}
+    try:
+        for name, weight in weights.items():
+            linears[name].weight.copy_(weight)
+        return suffix_loss(model, index, inputs[:windows.shape[0]], windows, kwargs, batch_size)
+    finally:
+        for name, weight in original.items():
+            linears[name].weight.copy_(weight)
 
 
 @torch.no_grad()
