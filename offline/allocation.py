@@ -10,8 +10,9 @@ end rather than read from outlier counts:
 - ``loss_rise``: each decoder layer alone is pruned to plain 2:4 (SparseGPT on the dense model's inputs)
   and the rise of the model's loss on the first ``SENSITIVITY_WINDOWS`` calibration windows is recorded,
   running only that layer and those after it on their cached dense inputs (``suffix_loss``);
-- ``decay``: how fast a dense region shrinks the layer's error, from the same pass: over its inputs, the OBS
-  error with a budget-sized dense region over the plain 2:4 error, ``exp(-decay * rho)`` (on a row sample).
+- ``decay``: how fast a dense region shrinks the error, from the same pass: over every layer's inputs, the
+  OBS error with a budget-sized dense region over the plain 2:4 error, ``exp(-decay * rho)`` (on a row
+  sample), one value for the whole model.
 
 A layer's loss rise is modelled as ``loss_rise * exp(-decay * rho)``; ``adaptive_plan`` spends the budget,
 two dense groups per chunk at a time, where that modelled loss falls most per dense weight. Every Linear of a
@@ -41,12 +42,13 @@ logger = logging.getLogger(__name__)
 ALLOCATIONS = ("uniform", "adaptive")
 DensePlan = dict[str, int]  # Linear name -> dense groups per chunk
 SENSITIVITY_WINDOWS = 16  # calibration windows the loss rises are measured on
+DECAY_ROWS = 256  # rows per matrix sampled for the decay's OBS sweeps
 
 
 @dataclasses.dataclass
 class LayerSensitivity:
     """One decoder layer: its Linears, their weight count, the loss rise measured when it alone is pruned to
-    plain 2:4, and how fast a dense region shrinks its OBS error (``decay``)."""
+    plain 2:4, and the decay its modelled rise falls with as it gets denser (one model-wide value today)."""
 
     linears: tuple[str, ...]
     weights: int
@@ -88,31 +90,38 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
     base = suffix_loss(model, 0, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size)
     groups_per_chunk = chunk_size // GROUP_SIZE
     probe = min(groups_per_chunk - 2, max(2, 2 * round(recipe.dense_fraction * groups_per_chunk / 2)))
-    rho_probe = probe * GROUP_SIZE / chunk_size
-    found = []
+    generator = torch.Generator().manual_seed(recipe.seed)
+    found, log_ratios = [], []
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="sensitivity", unit="layer")):
         prefix = names[layer]
         linears = target_linears(layer)
-        plain, probed = {}, {}  # plain 2:4, and with a budget-sized dense region
+        pruned = {}
         for group, hessian in collect_hessians(layer, inputs, kwargs, batch_size).items():
-            results = {name: sparsify_weight(linears[name].weight, hessian, order="natural", blocksize=recipe.blocksize,
-                                             damp=recipe.damp, layer=f"{prefix}.{name}") for name in group}
-            plain.update({name: result.weight for name, result in results.items()})
-            mask = balanced_top_groups(sum(result.group_loss for result in results.values()), chunk_size, probe)
-            probed.update({name: sparsify_weight(linears[name].weight, hessian, dense_mask=mask, order="dense-last",
-                                                 blocksize=recipe.blocksize, damp=recipe.damp).weight
-                           for name in group})
-        rise, rise_probed = (_loss_with(model, linears, weights, index, inputs, windows, kwargs, batch_size) - base
-                             for weights in (plain, probed))
-        # rise * exp(-decay * rho) through both measurements; a dense region that removes (nearly) all of the
-        # rise counts as removing 99% of it, and one that does not help as no decay.
-        decay = max(0.0, math.log(rise / max(rise_probed, 0.01 * rise)) / rho_probe) if rise > 0 else 1.0
+            plain = {name: sparsify_weight(linears[name].weight, hessian, order="natural", blocksize=recipe.blocksize,
+                                           damp=recipe.damp, layer=f"{prefix}.{name}") for name in group}
+            pruned.update({name: result.weight for name, result in plain.items()})
+            mask = balanced_top_groups(sum(result.group_loss for result in plain.values()), chunk_size, probe)
+            with_dense = plain_loss = 0.0
+            for name in group:
+                weight = linears[name].weight
+                rows = torch.randperm(weight.shape[0], generator=generator)[:DECAY_ROWS].to(weight.device)
+                sample = weight[rows]
+                plain_loss += sparsify_weight(sample, hessian, order="natural", blocksize=recipe.blocksize,
+                                              damp=recipe.damp).loss
+                with_dense += sparsify_weight(sample, hessian, dense_mask=mask, order="dense-last",
+                                              blocksize=recipe.blocksize, damp=recipe.damp).loss
+            if plain_loss > 0 and with_dense > 0:
+                log_ratios.append(math.log(with_dense / plain_loss))
+        rise = _loss_with(model, linears, pruned, index, inputs, windows, kwargs, batch_size) - base
         found.append(LayerSensitivity(tuple(f"{prefix}.{name}" for name in linears),
-                                      sum(linear.weight.numel() for linear in linears.values()), rise, decay))
+                                      sum(linear.weight.numel() for linear in linears.values()), rise, 1.0))
         inputs = _run_layer(layer, inputs, kwargs, batch_size)
     model.to("cpu")
-    logger.info("sensitivity: loss rises %s, decays %s", [round(s.loss_rise, 4) for s in found],
-                [round(s.decay, 2) for s in found])
+    # One model-wide decay: per-layer decays, from OBS errors or end to end, measured worse (docs/QUALITY.md).
+    # No OBS error anywhere (an all-zero model): any decay is as good.
+    decay = -sum(log_ratios) / len(log_ratios) / (probe * GROUP_SIZE / chunk_size) if log_ratios else 1.0
+    found = [dataclasses.replace(s, decay=decay) for s in found]
+    logger.info("sensitivity: loss rises %s, decay %.3g", [round(s.loss_rise, 4) for s in found], decay)
     return found
 
 
