@@ -32,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from vllm_spense.format import GROUP_SIZE, dense_groups_per_chunk
-from vllm_spense.offline.models import decoder_layers, target_linears
+from vllm_spense.offline.models import ModelSourceError, decoder_layers, target_linears
 
 if TYPE_CHECKING:
     from vllm_spense.offline.pruner import PruneRecipe
@@ -79,6 +79,7 @@ def dense_plan(model: nn.Module, calibration: torch.Tensor, recipe: "PruneRecipe
 def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "PruneRecipe", chunk_size: int, *,
                         device: torch.device, batch_size: int) -> list[LayerSensitivity]:
     """The first pass (module docstring). The whole model runs on ``device`` for the loss passes."""
+    from vllm_spense.offline.evaluate import perplexity
     from vllm_spense.offline.pruner import _run_layer, capture_layer_inputs, collect_hessians
     from vllm_spense.offline.selection import balanced_top_groups
     from vllm_spense.offline.sparsegpt import sparsify_weight
@@ -88,6 +89,11 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
     model.to(device)
     windows = calibration[:SENSITIVITY_WINDOWS].to(device)
     base = suffix_loss(model, 0, inputs[:SENSITIVITY_WINDOWS], windows, kwargs, batch_size)
+    full = math.log(perplexity(model, windows))
+    if not math.isclose(base, full, rel_tol=1e-4):
+        raise ModelSourceError(f"--allocation adaptive: {type(model).__name__}'s loss from its decoder layers, final "
+                               f"norm and output embeddings ({base:.6f}) is not the model's ({full:.6f}); the "
+                               f"sensitivity pass supports models whose head is just these (Llama, Qwen, Mistral)")
     groups_per_chunk = chunk_size // GROUP_SIZE
     probe = min(groups_per_chunk - 2, max(2, 2 * round(recipe.dense_fraction * groups_per_chunk / 2)))
     generator = torch.Generator().manual_seed(recipe.seed)
@@ -143,7 +149,11 @@ def suffix_loss(model: nn.Module, start: int, hidden: torch.Tensor, windows: tor
                 batch_size: int) -> float:
     """Mean next-token loss on ``windows``, running only decoder layers ``start..`` and the head on ``hidden``
     (the windows' dense input to layer ``start``): a change to one layer needs no pass through those before it."""
-    layers, norm, head = decoder_layers(model), model.get_decoder().norm, model.get_output_embeddings()
+    norm, head = getattr(model.get_decoder(), "norm", None), model.get_output_embeddings()
+    if norm is None or head is None:
+        raise ModelSourceError(f"{type(model).__name__} has no final `norm` beside its decoder layers or no output "
+                               f"embeddings: the adaptive allocation's sensitivity pass cannot run its last layers")
+    layers = decoder_layers(model)
     total = 0.0
     for begin in range(0, hidden.shape[0], batch_size):
         state = hidden[begin:begin + batch_size]

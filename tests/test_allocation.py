@@ -19,7 +19,7 @@ from vllm_spense.format import (GROUP_SIZE, SpenseFormatError, SpenseQuantConfig
 from vllm_spense.offline import cli
 from vllm_spense.offline.allocation import LayerSensitivity, adaptive_plan, measure_sensitivity, suffix_loss
 from vllm_spense.offline.evaluate import perplexity
-from vllm_spense.offline.models import decoder_layers, load_model
+from vllm_spense.offline.models import ModelSourceError, decoder_layers, load_model
 from vllm_spense.offline.pruner import PruneError, PruneRecipe, _run_layer, capture_layer_inputs
 
 
@@ -86,6 +86,21 @@ def test_sensitivity_pass_measures_and_restores(sensitive_tiny_dir):
     assert all(len(s.linears) == 7 and s.weights == 196608 and s.decay > 0 for s in layers)
     assert layers[0].loss_rise > max(layers[1].loss_rise, 0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_sensitivity_pass_refuses_a_head_it_cannot_run(sensitive_tiny_dir, monkeypatch):
+    """A model whose loss is not decoder layers + final norm + output embeddings gets a clear error."""
+    model = load_model(sensitive_tiny_dir)[0]
+    calibration = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    args = (model, calibration, PruneRecipe(dense_fraction=0.25), 64)
+    head = model.get_output_embeddings()
+    other = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    monkeypatch.setattr(model, "get_output_embeddings", lambda: other)
+    with pytest.raises(ModelSourceError, match=r"LlamaForCausalLM's loss from its decoder layers.*is not the model's"):
+        measure_sensitivity(*args, device=torch.device("cpu"), batch_size=4)
+    monkeypatch.setattr(model.model, "norm", None)
+    with pytest.raises(ModelSourceError, match="LlamaForCausalLM has no final `norm`"):
+        measure_sensitivity(*args, device=torch.device("cpu"), batch_size=4)
 
 
 def test_suffix_loss_is_the_models_loss(sensitive_tiny_dir, generator):
