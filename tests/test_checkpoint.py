@@ -69,6 +69,14 @@ def test_header_check_rejects_without_reading_data(broken, case):
         check_checkpoint_headers(broken, quant)
 
 
+def test_header_check_rejects_a_weight_scale_beside_no_spense_layer(broken):
+    _, quant = read_config(broken)
+    edit_shard(broken, lambda t: t.update({"lm_head.weight_scale": torch.rand(5)}))
+    with pytest.raises(SpenseFormatError, match=r"tensors \['lm_head.weight_scale'\]: a weight_scale belongs beside "
+                                                r"a Spense layer's tensors, and these layers store none"):
+        check_checkpoint_headers(broken, quant)
+
+
 def test_header_check_rejects_dense_weight_outside_ignore(broken):
     _, quant = read_config(broken)
     edit_shard(broken, lambda t: t.update({"model.layers.1.mlp.extra_proj.weight": torch.ones(8, 8)}))

@@ -98,6 +98,11 @@ def check_checkpoint_headers(folder: str | pathlib.Path, quant: SpenseQuantConfi
         dense_per_chunk[layer] = check_layout(layer_layouts, quant.chunk_size, layer,
                                               value_dtype=quant.stored_value_dtype)
     check_dense_fractions(quant, dense_per_chunk)
+    stray = sorted(name for name in layouts
+                   if name.endswith(f".{WEIGHT_SCALE}") and name[:-len(WEIGHT_SCALE) - 1] not in dense_per_chunk)
+    if stray:
+        raise SpenseFormatError(f"tensors {stray}: a {WEIGHT_SCALE} belongs beside a Spense layer's tensors, and "
+                                f"these layers store none")
     for name, (shape, _) in layouts.items():
         module = name.rpartition(".")[0]
         if name.endswith(".weight") and len(shape) == 2 and not quant.is_ignored(module):
