@@ -26,11 +26,8 @@ def main() -> None:
     parser.add_argument("--decays", nargs="+", type=float, required=True)
     parser.add_argument("--budget", type=float, default=0.25)
     args = parser.parse_args()
-    model, tokenizer = quality.load_model(quality.default_model_path())
+    model, calibration, held_out = quality.load_setting()
     original = {k: v.clone() for k, v in model.state_dict().items()}
-    calibration = quality.random_windows(quality.tokenize(tokenizer, quality.read_text(
-        quality.shakespeare_files(quality.CALIBRATION_GENRES))), 64, 512, 0)
-    held_out = quality.evaluation_windows(tokenizer, None, 16, 1024)
     recipe = PruneRecipe(dense_fraction=args.budget, allocation="adaptive")
     chunk_size = resolve_chunk_size(model, recipe)
     layers = measure_sensitivity(model, calibration, recipe, chunk_size, device=torch.device("cpu"), batch_size=8)

@@ -110,13 +110,13 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_K
 
     if m > 1:
         steps, modes = ((128, 64), (256, 128)), (False, True) if fp8 else (False,)
+        rows = triton.next_power_of_2(m)
         configs = {
             "mma": [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8)
                     for block_n, (kd, g), split_k, w8a8 in itertools.product((16, 32, 64), steps, (1, 2, 4), modes)],
             # gemv: steps where the [rows, block_n, kd] fp32 partial-product tile stays within 8192 values
             # (64 registers a thread at 4 warps).
             "gemv": [KernelConfig(rows, block_n, kd, kd // 2, 1, warps, 3, "gemv", gather_x=True)
-                     for rows in (triton.next_power_of_2(m),)
                      for block_n, kd, warps in itertools.product((4, 8, 16), (64, 128, 256, 512), (4, 8))
                      if 1024 <= rows * block_n * kd <= 8192]}
         return [config for kernel in kernels for config in configs[kernel]]

@@ -97,7 +97,7 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
     groups_per_chunk = chunk_size // GROUP_SIZE
     probe = min(groups_per_chunk - 2, max(2, 2 * round(recipe.dense_fraction * groups_per_chunk / 2)))
     generator = torch.Generator().manual_seed(recipe.seed)
-    found, log_ratios = [], []
+    rises, log_ratios = [], []  # per layer: (its Linears, their weight count, its loss rise)
     for index, layer in enumerate(tqdm(decoder_layers(model), desc="sensitivity", unit="layer")):
         prefix = names[layer]
         linears = target_linears(layer)
@@ -119,16 +119,15 @@ def measure_sensitivity(model: nn.Module, calibration: torch.Tensor, recipe: "Pr
             if plain_loss > 0 and with_dense > 0:
                 log_ratios.append(math.log(with_dense / plain_loss))
         rise = _loss_with(model, linears, pruned, index, inputs, windows, kwargs, batch_size) - base
-        found.append(LayerSensitivity(tuple(f"{prefix}.{name}" for name in linears),
-                                      sum(linear.weight.numel() for linear in linears.values()), rise, 1.0))
+        rises.append((tuple(f"{prefix}.{name}" for name in linears),
+                      sum(linear.weight.numel() for linear in linears.values()), rise))
         inputs = _run_layer(layer, inputs, kwargs, batch_size)
     model.to("cpu")
     # One model-wide decay: per-layer decays, from OBS errors or end to end, measured worse (docs/QUALITY.md).
     # No OBS error anywhere (an all-zero model): any decay is as good.
     decay = -sum(log_ratios) / len(log_ratios) / (probe * GROUP_SIZE / chunk_size) if log_ratios else 1.0
-    found = [dataclasses.replace(s, decay=decay) for s in found]
-    logger.info("sensitivity: loss rises %s, decay %.3g", [round(s.loss_rise, 4) for s in found], decay)
-    return found
+    logger.info("sensitivity: loss rises %s, decay %.3g", [round(rise, 4) for *_, rise in rises], decay)
+    return [LayerSensitivity(*entry, decay) for entry in rises]
 
 
 def _loss_with(model: nn.Module, linears: dict[str, nn.Linear], weights: dict[str, torch.Tensor], index: int,

@@ -94,13 +94,19 @@ def overall_sparsity(recipe: PruneRecipe | str | None, dense_share: float) -> fl
     return 0.5 * (1.0 - dense_share)
 
 
-def run_table(rows: dict[str, PruneRecipe | str | None], model_path=None, nsamples: int = 64, seqlen: int = 512,
-              eval_windows: int = 16, eval_seqlen: int = 1024, device: str = "cpu", seed: int = 0) -> list[dict]:
+def load_setting(model_path=None, nsamples: int = 64, seqlen: int = 512, eval_windows: int = 16,
+                 eval_seqlen: int = 1024, seed: int = 0) -> tuple:
+    """(model, calibration windows, held-out windows) of the quality table: one setting for every row."""
     model, tokenizer = load_model(model_path or default_model_path())
-    original = {k: v.clone() for k, v in model.state_dict().items()}
     calibration = random_windows(tokenize(tokenizer, read_text(shakespeare_files(CALIBRATION_GENRES))),
                                  nsamples, seqlen, seed)
-    held_out = evaluation_windows(tokenizer, None, eval_windows, eval_seqlen)
+    return model, calibration, evaluation_windows(tokenizer, None, eval_windows, eval_seqlen)
+
+
+def run_table(rows: dict[str, PruneRecipe | str | None], model_path=None, nsamples: int = 64, seqlen: int = 512,
+              eval_windows: int = 16, eval_seqlen: int = 1024, device: str = "cpu", seed: int = 0) -> list[dict]:
+    model, calibration, held_out = load_setting(model_path, nsamples, seqlen, eval_windows, eval_seqlen, seed)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
     results = []
     for label, recipe in rows.items():
         model.load_state_dict(original)

@@ -99,7 +99,7 @@ def check_checkpoint_headers(folder: str | pathlib.Path, quant: SpenseQuantConfi
                                               value_dtype=quant.stored_value_dtype)
     check_dense_fractions(quant, dense_per_chunk)
     stray = sorted(name for name in layouts
-                   if name.endswith(f".{WEIGHT_SCALE}") and name[:-len(WEIGHT_SCALE) - 1] not in dense_per_chunk)
+                   if name.endswith(f".{WEIGHT_SCALE}") and name.rpartition(".")[0] not in dense_per_chunk)
     if stray:
         raise SpenseFormatError(f"tensors {stray}: a {WEIGHT_SCALE} belongs beside a Spense layer's tensors, and "
                                 f"these layers store none")
