@@ -133,19 +133,21 @@ def _spense_gemm_kernel(
 
     # 2:4 region, BLOCK_G groups (BLOCK_G / 2 pairs) per step, expanded in registers into one zero-filled
     # [BLOCK_N, 4 * BLOCK_G] tile (``_expand_pairs``) against 4 * BLOCK_G contiguous activation columns.
+    # The words are loaded inside the step that uses them: Triton's pipeliner then keeps NUM_STAGES steps of
+    # them in flight (loading them a step ahead by hand instead measured 30% slower, docs/KERNELS.md).
     BLOCK_P: tl.constexpr = BLOCK_G // 2
     GP = GS // 2
     offs_p = tl.arange(0, BLOCK_P)
     offs_c = tl.arange(0, 4 * BLOCK_G)
+    value_dtype = dense_w_ptr.dtype.element_ty
     for p0 in range(pid_k * BLOCK_P, GP, SPLIT_K * BLOCK_P):
         pp = p0 + offs_p
-        pair_mask = mask_n[:, None] & (pp < GP)[None, :]
+        lo, hi, byte = _load_pair_words(sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & (pp < GP)[None, :],
+                                        stride_swn, stride_metan, value_dtype)
         if x_scale_ptr is not None:  # W8A8: expand the FP8 bytes, then read the tile as FP8
-            w = _expand_pairs(*_load_2_4_pairs(sparse_w_ptr, meta_ptr, offs_n, pp, pair_mask, stride_swn, stride_metan,
-                                               dense_w_ptr.dtype.element_ty, tl.int8)).to(tl.float8e4nv, bitcast=True)
+            w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, tl.int8)).to(tl.float8e4nv, bitcast=True)
         else:
-            w = _expand_pairs(*_load_2_4_pairs(sparse_w_ptr, meta_ptr, offs_n, pp, pair_mask, stride_swn, stride_metan,
-                                               dense_w_ptr.dtype.element_ty, x_ptr.dtype.element_ty))
+            w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, x_ptr.dtype.element_ty))
         cols = KD + 8 * p0 + offs_c
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                     mask=(mask_m[:, None] | PADDED_M) & (cols < KD + 4 * GS)[None, :], other=0.0)
@@ -168,35 +170,42 @@ def _fp8_bits_as(bits, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_2_4_pairs(pairs_ptr, meta_ptr, offs_n, pp, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr,
-                    OUT_DTYPE: tl.constexpr):
-    """Kept values and positions of a [BLOCK_N, BLOCK_P] tile of 2:4 group *pairs* (groups 2p and 2p+1).
+def _load_pair_words(pairs_ptr, meta_ptr, offs_n, pp, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr):
+    """The raw words of a [BLOCK_N, BLOCK_P] tile of 2:4 group *pairs* (groups 2p and 2p+1): (lo, hi, byte).
 
-    A pair's four values are one 4-byte word for FP8, one 8-byte word for 16-bit values (two for fp32) and
-    its two index nibbles one metadata byte, so every load is contiguous along the row and nothing is read
-    twice. Returns the first and second kept values and the two positions of group 2p, then of group
-    2p + 1. FP8 values come back as ``OUT_DTYPE`` (``_fp8_bits_as``); other values as stored.
-    """
+    A pair's four values are one 4-byte word for FP8, one 8-byte word for 16-bit values (``hi`` is then
+    ``lo``) and two for fp32; its two index nibbles one metadata byte. Every load is contiguous along the row
+    and nothing is read twice. Split from ``_decode_pairs`` so a loop can load its next step before it
+    decodes this one."""
     byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + pp[None, :], mask=mask, other=0x44).to(tl.int32)
-    if VALUE_DTYPE == tl.float8e4nv:  # one int32 word per pair: bytes a0, a1 (group 2p), b0, b1 (group 2p + 1)
-        word = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + pp[None, :], mask=mask, other=0)
-        a0 = _fp8_bits_as(word.to(tl.int8), OUT_DTYPE)
-        a1 = _fp8_bits_as((word >> 8).to(tl.int8), OUT_DTYPE)
-        b0 = _fp8_bits_as((word >> 16).to(tl.int8), OUT_DTYPE)
-        b1 = _fp8_bits_as((word >> 24).to(tl.int8), OUT_DTYPE)
-    elif VALUE_DTYPE == tl.float32:  # one int64 word per group
+    if VALUE_DTYPE == tl.float32:  # one int64 word per group
         lo = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + 2 * pp[None, :], mask=mask, other=0)
         hi = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + 2 * pp[None, :] + 1, mask=mask, other=0)
+    else:
+        lo = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + pp[None, :], mask=mask, other=0)
+        hi = lo
+    return lo, hi, byte
+
+
+@triton.jit
+def _decode_pairs(lo, hi, byte, VALUE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """The first and second kept values and the two positions of group 2p, then of group 2p + 1, from
+    ``_load_pair_words``. FP8 values come back as ``OUT_DTYPE`` (``_fp8_bits_as``); other values as stored."""
+    if VALUE_DTYPE == tl.float8e4nv:  # one int32 word per pair: bytes a0, a1 (group 2p), b0, b1 (group 2p + 1)
+        a0 = _fp8_bits_as(lo.to(tl.int8), OUT_DTYPE)
+        a1 = _fp8_bits_as((lo >> 8).to(tl.int8), OUT_DTYPE)
+        b0 = _fp8_bits_as((lo >> 16).to(tl.int8), OUT_DTYPE)
+        b1 = _fp8_bits_as((lo >> 24).to(tl.int8), OUT_DTYPE)
+    elif VALUE_DTYPE == tl.float32:
         a0 = lo.to(tl.int32).to(tl.float32, bitcast=True)
         a1 = (lo >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         b0 = hi.to(tl.int32).to(tl.float32, bitcast=True)
         b1 = (hi >> 32).to(tl.int32).to(tl.float32, bitcast=True)
     else:  # one int64 word per pair: values of group 2p in bits 0-31, of group 2p + 1 in bits 32-63
-        word = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + pp[None, :], mask=mask, other=0)
-        a0 = word.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        a1 = (word >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        b0 = (word >> 32).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        b1 = (word >> 48).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        a0 = lo.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        a1 = (lo >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        b0 = (lo >> 32).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+        b1 = (lo >> 48).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
     return a0, a1, byte & 0x3, (byte >> 2) & 0x3, b0, b1, (byte >> 4) & 0x3, (byte >> 6) & 0x3
 
 
@@ -236,36 +245,50 @@ def _expand_pairs(a0, a1, ai0, ai1, b0, b1, bi0, bi1):
 
 
 @triton.jit
-def _gemv_dense_step(acc_d, k0, x_ptr, dense_w_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n, KD, stride_xm,
-                     stride_dwn, BLOCK_KD: tl.constexpr, GATHER_X: tl.constexpr):
-    """Dense columns [k0, k0 + BLOCK_KD) of every row: FMAs into the [BLOCK_M, BLOCK_N, BLOCK_KD] tile."""
+def _gemv_dense_load(k0, dense_w_ptr, perm_ptr, offs_n, mask_n, KD, stride_dwn, BLOCK_KD: tl.constexpr,
+                     GATHER_X: tl.constexpr):
+    """Dense columns [k0, k0 + BLOCK_KD) of the program's rows of W, and the input channel of each column."""
     kk = k0 + tl.arange(0, BLOCK_KD)
     mask_k = kk < KD
-    w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :],
-                mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                other=0.0)
     cols = tl.load(perm_ptr + kk, mask=mask_k, other=0) if GATHER_X else kk
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-    return acc_d + x[:, None, :] * w[None, :, :]
+    return w, cols
 
 
 @triton.jit
-def _gemv_sparse_step(acc_s, p0, x_ptr, sparse_w_ptr, meta_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n, KD, GP,
-                      stride_xm, stride_swn, stride_metan, VALUE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr,
-                      GATHER_X: tl.constexpr):
-    """2:4 group pairs [p0, p0 + BLOCK_P) of every row into the [BLOCK_M, BLOCK_N, BLOCK_P] tile."""
+def _gemv_dense_fma(acc_d, k0, w, cols, x_ptr, offs_m, mask_m, KD, stride_xm, BLOCK_KD: tl.constexpr):
+    """FMAs of one dense step (``_gemv_dense_load``) into the [BLOCK_M, BLOCK_N, BLOCK_KD] tile."""
+    mask_k = k0 + tl.arange(0, BLOCK_KD) < KD
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+    return acc_d + x[:, None, :] * w.to(tl.float32)[None, :, :]
+
+
+@triton.jit
+def _gemv_sparse_load(p0, sparse_w_ptr, meta_ptr, perm_ptr, offs_n, mask_n, KD, GP, stride_swn, stride_metan,
+                      VALUE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, GATHER_X: tl.constexpr):
+    """2:4 group pairs [p0, p0 + BLOCK_P) of the program's rows (``_load_pair_words``) and the input channel
+    of each pair's two groups (a 2:4 group is four consecutive input channels: one index per group)."""
     pp = p0 + tl.arange(0, BLOCK_P)
     mask_p = pp < GP
-    a0, a1, ai0, ai1, b0, b1, bi0, bi1 = _load_2_4_pairs(
-        sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & mask_p[None, :], stride_swn, stride_metan, VALUE_DTYPE,
-        tl.float32)
-    x_mask = mask_m[:, None] & mask_p[None, :]
-    if GATHER_X:  # a 2:4 group is four consecutive input channels: one index per group
+    lo, hi, byte = _load_pair_words(sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & mask_p[None, :],
+                                    stride_swn, stride_metan, VALUE_DTYPE)
+    if GATHER_X:
         col_a = tl.load(perm_ptr + KD + 8 * pp, mask=mask_p, other=0)
         col_b = tl.load(perm_ptr + KD + 8 * pp + 4, mask=mask_p, other=0)
     else:
         col_a = KD + 8 * pp
         col_b = col_a + 4
+    return lo, hi, byte, col_a, col_b
+
+
+@triton.jit
+def _gemv_sparse_fma(acc_s, p0, lo, hi, byte, col_a, col_b, x_ptr, offs_m, mask_m, GP, stride_xm,
+                     VALUE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
+    """FMAs of one 2:4 step (``_gemv_sparse_load``) into the [BLOCK_M, BLOCK_N, BLOCK_P] tile."""
+    a0, a1, ai0, ai1, b0, b1, bi0, bi1 = _decode_pairs(lo, hi, byte, VALUE_DTYPE, tl.float32)
+    x_mask = mask_m[:, None] & (p0 + tl.arange(0, BLOCK_P) < GP)[None, :]
     x_rows = x_ptr + offs_m[:, None] * stride_xm
     return acc_s + (_pick_2_4(x_rows + col_a[None, :], x_mask, a0, a1, ai0, ai1)
                     + _pick_2_4(x_rows + col_b[None, :], x_mask, b0, b1, bi0, bi1))
@@ -283,7 +306,7 @@ def _spense_gemv_kernel(
     """Decode (M <= BLOCK_M, a few rows): CUDA-core FMAs, no MMA and so no register-layout conversions.
 
     All M rows live in one program; partial products stay in [BLOCK_M, BLOCK_N, columns] fp32 tiles that
-    are reduced once at the end. The 2:4 region is walked in pairs of groups (``_load_2_4_pairs``):
+    are reduced once at the end. The 2:4 region is walked in pairs of groups (``_load_pair_words``):
     ``sparse_w_ptr`` is ``sparse_weight`` seen as one word per pair (``pair_words``). FP8 values are
     converted to fp32 as loaded (W8A16) and scaled once at the store.
     With ``GATHER_X`` the kernel reads ``x`` in its own channel order through ``perm_ptr`` (channel_perm)
@@ -298,14 +321,26 @@ def _spense_gemv_kernel(
     BLOCK_P: tl.constexpr = BLOCK_G // 2
     GP = GS // 2
     value_dtype = dense_w_ptr.dtype.element_ty
+    # Each step's weights are loaded at the end of the step before: as plain loads into registers, which
+    # measured faster than the loads inside the step, which Triton's pipeliner stages through shared memory.
+    step = SPLIT_K * BLOCK_KD
     acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KD), dtype=tl.float32)
-    for k0 in range(pid_k * BLOCK_KD, KD, SPLIT_K * BLOCK_KD):
-        acc_d = _gemv_dense_step(acc_d, k0, x_ptr, dense_w_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n, KD,
-                                 stride_xm, stride_dwn, BLOCK_KD, GATHER_X)
+    w, cols = _gemv_dense_load(pid_k * BLOCK_KD, dense_w_ptr, perm_ptr, offs_n, mask_n, KD, stride_dwn, BLOCK_KD,
+                               GATHER_X)
+    for k0 in range(pid_k * BLOCK_KD, KD, step):
+        acc_d = _gemv_dense_fma(acc_d, k0, w, cols, x_ptr, offs_m, mask_m, KD, stride_xm, BLOCK_KD)
+        w, cols = _gemv_dense_load(k0 + step, dense_w_ptr, perm_ptr, offs_n, mask_n, KD, stride_dwn, BLOCK_KD,
+                                   GATHER_X)
+    step = SPLIT_K * BLOCK_P
     acc_s = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_P), dtype=tl.float32)
-    for p0 in range(pid_k * BLOCK_P, GP, SPLIT_K * BLOCK_P):
-        acc_s = _gemv_sparse_step(acc_s, p0, x_ptr, sparse_w_ptr, meta_ptr, perm_ptr, offs_m, offs_n, mask_m, mask_n,
-                                  KD, GP, stride_xm, stride_swn, stride_metan, value_dtype, BLOCK_P, GATHER_X)
+    lo, hi, byte, col_a, col_b = _gemv_sparse_load(pid_k * BLOCK_P, sparse_w_ptr, meta_ptr, perm_ptr, offs_n, mask_n,
+                                                   KD, GP, stride_swn, stride_metan, value_dtype, BLOCK_P, GATHER_X)
+    for p0 in range(pid_k * BLOCK_P, GP, step):
+        acc_s = _gemv_sparse_fma(acc_s, p0, lo, hi, byte, col_a, col_b, x_ptr, offs_m, mask_m, GP, stride_xm,
+                                 value_dtype, BLOCK_P)
+        lo, hi, byte, col_a, col_b = _gemv_sparse_load(p0 + step, sparse_w_ptr, meta_ptr, perm_ptr, offs_n, mask_n,
+                                                       KD, GP, stride_swn, stride_metan, value_dtype, BLOCK_P,
+                                                       GATHER_X)
     acc = tl.sum(acc_d, axis=2) + tl.sum(acc_s, axis=2)
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
                   w_scale_ptr)
