@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine (the CUDA image: torch, triton, transformers).
-# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|sweep|sweep_fp8|sweep_mma|sweep_batch|crossover|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
+# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|ncu|sweep|sweep_fp8|sweep_mma|sweep_batch|crossover|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
 set -uo pipefail
 out=${1:-/tmp/spense-gpu}; shift || true
 steps=${*:-check plugin gemm prune}
@@ -20,6 +20,14 @@ for step in $steps; do
               "$sanitizer" --tool memcheck --leak-check no python3 "$src/benchmarks/check_kernels_gpu.py" --quick 2>&1 \
                 | tail -n 60 | tee "$out/memcheck.txt"; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     report) python3 "$src/benchmarks/kernel_report.py" --json "$out/kernel_report.json" 2>&1 | tee "$out/kernel_report.txt" || status=1 ;;
+    ncu) ncu_bin=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda*/bin/ncu 2>/dev/null | head -1)
+         [ -n "$ncu_bin" ] || { echo "ncu not found" | tee "$out/ncu_summary.txt"; status=1; continue; }
+         "$ncu_bin" --clock-control none --profile-from-start off --csv --page raw --section SpeedOfLight \
+           --section LaunchStats --section Occupancy --section SchedulerStats --section WarpStateStats \
+           --section InstructionStats --metrics dram__bytes_read.sum,smsp__inst_executed.sum \
+           python3 "$src/benchmarks/profile_kernels.py" --manifest "$out/ncu_manifest.json" > "$out/ncu.csv" 2> "$out/ncu.err" || status=1
+         python3 "$src/benchmarks/profile_kernels.py" --summarize "$out/ncu.csv" "$out/ncu_manifest.json" \
+           2>&1 | tee "$out/ncu_summary.txt" || status=1 ;;
     sweep_fp8) python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_fp8.json" --sweep-ms 1 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
     sweep_mma) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep_mma.json" --sweep-ms 8 --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1
                python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_mma_fp8.json" --sweep-ms 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;

@@ -7,11 +7,12 @@ every dense column and of every position of every 2:4 group, and ``channel_perm 
 
 Three paths, chosen by M in ``choose_config`` (inside ``spense_gemm``, which the vLLM custom op calls):
 
-M = 1 (``_spense_gemv_kernel``, ``DECODE_GEMV``): CUDA-core FMAs, 8 rows of W per program, no split-K.
-``x`` is read through ``channel_perm`` inside the kernel (a 2:4 group is four consecutive input channels, so
-one index per group), which saves the separate permutation launch. The 2:4 region is read one 8-byte word
-of values and one metadata byte per *pair* of groups, and the activation under each kept value is picked
-from its group's four with two selects.
+M = 1 (``_spense_gemv_kernel``, ``DECODE_GEMV``): CUDA-core FMAs, 4 rows of W per program, no split-K.
+``x`` is read through ``channel_perm`` inside the kernel (a group is four consecutive input channels, so
+one index per group), which saves the separate permutation launch. Every tensor is read one word per four
+values (``quad_words``): a group's four activations, a dense group's four values, a pair of 2:4 groups'
+four kept values (with one metadata byte); the activation under each kept value is picked from its
+group's four with two selects.
 
 M = 2 .. ``MMA_MAX_M`` (``_spense_gemm_kernel``, ``BATCHED_DECODE_MMA``): ``x`` is permuted once into a copy
 padded to whole 16-row tiles (dense channels, then 2:4 channels, so both regions read contiguous columns).
@@ -142,8 +143,8 @@ def _spense_gemm_kernel(
     value_dtype = dense_w_ptr.dtype.element_ty
     for p0 in range(pid_k * BLOCK_P, GP, SPLIT_K * BLOCK_P):
         pp = p0 + offs_p
-        lo, hi, byte = _load_pair_words(sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & (pp < GP)[None, :],
-                                        stride_swn, stride_metan, value_dtype)
+        lo, hi, byte = _load_pair_words(sparse_w_ptr, meta_ptr, offs_n[:, None], pp[None, :],
+                                        mask_n[:, None] & (pp < GP)[None, :], stride_swn, stride_metan, value_dtype)
         if x_scale_ptr is not None:  # W8A8: expand the FP8 bytes, then read the tile as FP8
             w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, tl.int8)).to(tl.float8e4nv, bitcast=True)
         else:
@@ -170,58 +171,67 @@ def _fp8_bits_as(bits, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_pair_words(pairs_ptr, meta_ptr, offs_n, pp, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr):
-    """The raw words of a [BLOCK_N, BLOCK_P] tile of 2:4 group *pairs* (groups 2p and 2p+1): (lo, hi, byte).
-
-    A pair's four values are one 4-byte word for FP8, one 8-byte word for 16-bit values (``hi`` is then
-    ``lo``) and two for fp32; its two index nibbles one metadata byte. Every load is contiguous along the row
-    and nothing is read twice. Split from ``_decode_pairs`` so a loop can load its next step before it
-    decodes this one."""
-    byte = tl.load(meta_ptr + offs_n[:, None] * stride_metan + pp[None, :], mask=mask, other=0x44).to(tl.int32)
-    if VALUE_DTYPE == tl.float32:  # one int64 word per group
-        lo = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + 2 * pp[None, :], mask=mask, other=0)
-        hi = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + 2 * pp[None, :] + 1, mask=mask, other=0)
+def _load_quads(row_ptrs, quads, mask, VALUE_DTYPE: tl.constexpr):
+    """Quads (four consecutive values) ``quads`` of the rows at ``row_ptrs``, in a tensor seen as ``quad_words``:
+    one int32 word per quad for FP8, one int64 word for 16-bit values, two int64 words for fp32 (lo, hi;
+    otherwise ``hi`` is ``lo``). One contiguous load per quad instead of four."""
+    if VALUE_DTYPE == tl.float32:
+        lo = tl.load(row_ptrs + 2 * quads, mask=mask, other=0)
+        hi = tl.load(row_ptrs + 2 * quads + 1, mask=mask, other=0)
     else:
-        lo = tl.load(pairs_ptr + offs_n[:, None] * stride_pn + pp[None, :], mask=mask, other=0)
+        lo = tl.load(row_ptrs + quads, mask=mask, other=0)
         hi = lo
+    return lo, hi
+
+
+@triton.jit
+def _unpack_quad(lo, hi, VALUE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """The four values of a quad (``_load_quads``) in memory order, as OUT_DTYPE; FP8 values with OUT_DTYPE
+    int8 stay their bytes (``_fp8_bits_as``)."""
+    if VALUE_DTYPE == tl.float8e4nv:
+        return (_fp8_bits_as(lo.to(tl.int8), OUT_DTYPE), _fp8_bits_as((lo >> 8).to(tl.int8), OUT_DTYPE),
+                _fp8_bits_as((lo >> 16).to(tl.int8), OUT_DTYPE), _fp8_bits_as((lo >> 24).to(tl.int8), OUT_DTYPE))
+    elif VALUE_DTYPE == tl.float32:
+        return (lo.to(tl.int32).to(tl.float32, bitcast=True).to(OUT_DTYPE),
+                (lo >> 32).to(tl.int32).to(tl.float32, bitcast=True).to(OUT_DTYPE),
+                hi.to(tl.int32).to(tl.float32, bitcast=True).to(OUT_DTYPE),
+                (hi >> 32).to(tl.int32).to(tl.float32, bitcast=True).to(OUT_DTYPE))
+    else:
+        return (lo.to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(OUT_DTYPE),
+                (lo >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(OUT_DTYPE),
+                (lo >> 32).to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(OUT_DTYPE),
+                (lo >> 48).to(tl.int16).to(VALUE_DTYPE, bitcast=True).to(OUT_DTYPE))
+
+
+@triton.jit
+def _load_pair_words(pairs_ptr, meta_ptr, rows, pp, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr):
+    """The raw words of a tile of 2:4 group *pairs* (groups 2p and 2p+1) of W's ``rows`` (shaped to broadcast
+    against the pair indices ``pp``, e.g. [BLOCK_N, 1] and [1, BLOCK_P]): (lo, hi, byte).
+
+    A pair's four values are one quad (``_load_quads``), its two index nibbles one metadata byte. Every load
+    is contiguous along the row and nothing is read twice. Split from ``_decode_pairs`` so a loop can load
+    its next step before it decodes this one."""
+    byte = tl.load(meta_ptr + rows * stride_metan + pp, mask=mask, other=0x44).to(tl.int32)
+    lo, hi = _load_quads(pairs_ptr + rows * stride_pn, pp, mask, VALUE_DTYPE)
     return lo, hi, byte
 
 
 @triton.jit
 def _decode_pairs(lo, hi, byte, VALUE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
     """The first and second kept values and the two positions of group 2p, then of group 2p + 1, from
-    ``_load_pair_words``. FP8 values come back as ``OUT_DTYPE`` (``_fp8_bits_as``); other values as stored."""
-    if VALUE_DTYPE == tl.float8e4nv:  # one int32 word per pair: bytes a0, a1 (group 2p), b0, b1 (group 2p + 1)
-        a0 = _fp8_bits_as(lo.to(tl.int8), OUT_DTYPE)
-        a1 = _fp8_bits_as((lo >> 8).to(tl.int8), OUT_DTYPE)
-        b0 = _fp8_bits_as((lo >> 16).to(tl.int8), OUT_DTYPE)
-        b1 = _fp8_bits_as((lo >> 24).to(tl.int8), OUT_DTYPE)
-    elif VALUE_DTYPE == tl.float32:
-        a0 = lo.to(tl.int32).to(tl.float32, bitcast=True)
-        a1 = (lo >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        b0 = hi.to(tl.int32).to(tl.float32, bitcast=True)
-        b1 = (hi >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-    else:  # one int64 word per pair: values of group 2p in bits 0-31, of group 2p + 1 in bits 32-63
-        a0 = lo.to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        a1 = (lo >> 16).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        b0 = (lo >> 32).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
-        b1 = (lo >> 48).to(tl.int16).to(VALUE_DTYPE, bitcast=True)
+    ``_load_pair_words``; the values as ``OUT_DTYPE`` (``_unpack_quad``)."""
+    a0, a1, b0, b1 = _unpack_quad(lo, hi, VALUE_DTYPE, OUT_DTYPE)
     return a0, a1, byte & 0x3, (byte >> 2) & 0x3, b0, b1, (byte >> 4) & 0x3, (byte >> 6) & 0x3
 
 
 @triton.jit
-def _pick_2_4(x_ptrs, x_mask, first, second, i0, i1):
-    """first * x[i0] + second * x[i1] for one group per column: x_ptrs point at each group's position 0.
-    The first index is 0..2 and the second 1..3, so each activation is picked with two selects."""
-    x0 = tl.load(x_ptrs, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-    x1 = tl.load(x_ptrs + 1, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-    x2 = tl.load(x_ptrs + 2, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-    x3 = tl.load(x_ptrs + 3, mask=x_mask, other=0.0).to(tl.float32)[:, None, :]
-    i0 = i0[None, :, :]
-    i1 = i1[None, :, :]
+def _pick_2_4(x0, x1, x2, x3, first, second, i0, i1):
+    """first * x[i0] + second * x[i1] for one group per column, its four activations ``x0..x3`` given as
+    [BLOCK_M, 1, columns] fp32 tiles against [1, BLOCK_N, columns] weights. The first index is 0..2 and the
+    second 1..3, so each activation is picked with two selects."""
     x_first = tl.where(i0 == 0, x0, tl.where(i0 == 1, x1, x2))
     x_second = tl.where(i1 == 3, x3, tl.where(i1 == 2, x2, x1))
-    return first.to(tl.float32)[None, :, :] * x_first + second.to(tl.float32)[None, :, :] * x_second
+    return first * x_first + second * x_second
 
 
 @triton.jit
@@ -245,53 +255,60 @@ def _expand_pairs(a0, a1, ai0, ai1, b0, b1, bi0, bi1):
 
 
 @triton.jit
-def _gemv_dense_load(k0, dense_w_ptr, perm_ptr, offs_n, mask_n, KD, stride_dwn, BLOCK_KD: tl.constexpr,
-                     GATHER_X: tl.constexpr):
-    """Dense columns [k0, k0 + BLOCK_KD) of the program's rows of W, and the input channel of each column."""
-    kk = k0 + tl.arange(0, BLOCK_KD)
-    mask_k = kk < KD
-    w = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :],
-                other=0.0)
-    cols = tl.load(perm_ptr + kk, mask=mask_k, other=0) if GATHER_X else kk
-    return w, cols
+def _gemv_x_quads(x_rows, quads, mask, X_DTYPE: tl.constexpr):
+    """The four activations of each input quad ``quads`` (channels 4q .. 4q + 3) as [BLOCK_M, 1, columns]
+    fp32 tiles, from x seen as ``quad_words``: one 8-byte load per quad instead of four 2-byte ones."""
+    lo, hi = _load_quads(x_rows, quads, mask, X_DTYPE)
+    return _unpack_quad(lo, hi, X_DTYPE, tl.float32)
 
 
 @triton.jit
-def _gemv_dense_fma(acc_d, k0, w, cols, x_ptr, offs_m, mask_m, KD, stride_xm, BLOCK_KD: tl.constexpr):
-    """FMAs of one dense step (``_gemv_dense_load``) into the [BLOCK_M, BLOCK_N, BLOCK_KD] tile."""
-    mask_k = k0 + tl.arange(0, BLOCK_KD) < KD
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
-                mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-    return acc_d + x[:, None, :] * w.to(tl.float32)[None, :, :]
+def _gemv_dense_load(q0, dense_w_ptr, perm_ptr, rows, mask_n, GD, stride_dwn, VALUE_DTYPE: tl.constexpr,
+                     BLOCK_Q: tl.constexpr, GATHER_X: tl.constexpr):
+    """Dense quads [q0, q0 + BLOCK_Q) of the program's ``rows`` of W ([1, BLOCK_N, 1]; ``dense_w_ptr``:
+    dense_weight as ``quad_words``) and the input quad of each (a dense group is four consecutive channels)."""
+    qq = q0 + tl.arange(0, BLOCK_Q)[None, None, :]
+    lo, hi = _load_quads(dense_w_ptr + rows * stride_dwn, qq, mask_n & (qq < GD), VALUE_DTYPE)
+    x_quads = (tl.load(perm_ptr + 4 * qq, mask=qq < GD, other=0) >> 2) if GATHER_X else qq
+    return lo, hi, x_quads
 
 
 @triton.jit
-def _gemv_sparse_load(p0, sparse_w_ptr, meta_ptr, perm_ptr, offs_n, mask_n, KD, GP, stride_swn, stride_metan,
+def _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m, GD, VALUE_DTYPE: tl.constexpr,
+                    X_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr):
+    """FMAs of one dense step (``_gemv_dense_load``) into the [BLOCK_M, BLOCK_N, BLOCK_Q] tile."""
+    x_mask = mask_m & (q0 + tl.arange(0, BLOCK_Q)[None, None, :] < GD)
+    x0, x1, x2, x3 = _gemv_x_quads(x_rows, x_quads, x_mask, X_DTYPE)
+    w0, w1, w2, w3 = _unpack_quad(lo, hi, VALUE_DTYPE, tl.float32)
+    return acc_d + (x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3)
+
+
+@triton.jit
+def _gemv_sparse_load(p0, sparse_w_ptr, meta_ptr, perm_ptr, rows, mask_n, KD, GP, stride_swn, stride_metan,
                       VALUE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, GATHER_X: tl.constexpr):
-    """2:4 group pairs [p0, p0 + BLOCK_P) of the program's rows (``_load_pair_words``) and the input channel
-    of each pair's two groups (a 2:4 group is four consecutive input channels: one index per group)."""
-    pp = p0 + tl.arange(0, BLOCK_P)
-    mask_p = pp < GP
-    lo, hi, byte = _load_pair_words(sparse_w_ptr, meta_ptr, offs_n, pp, mask_n[:, None] & mask_p[None, :],
-                                    stride_swn, stride_metan, VALUE_DTYPE)
+    """2:4 group pairs [p0, p0 + BLOCK_P) of the program's ``rows`` ([1, BLOCK_N, 1]; ``_load_pair_words``)
+    and the input quad of each pair's two groups (a 2:4 group is four consecutive input channels)."""
+    pp = p0 + tl.arange(0, BLOCK_P)[None, None, :]
+    lo, hi, byte = _load_pair_words(sparse_w_ptr, meta_ptr, rows, pp, mask_n & (pp < GP), stride_swn, stride_metan,
+                                    VALUE_DTYPE)
     if GATHER_X:
-        col_a = tl.load(perm_ptr + KD + 8 * pp, mask=mask_p, other=0)
-        col_b = tl.load(perm_ptr + KD + 8 * pp + 4, mask=mask_p, other=0)
+        quad_a = tl.load(perm_ptr + KD + 8 * pp, mask=pp < GP, other=0) >> 2
+        quad_b = tl.load(perm_ptr + KD + 8 * pp + 4, mask=pp < GP, other=0) >> 2
     else:
-        col_a = KD + 8 * pp
-        col_b = col_a + 4
-    return lo, hi, byte, col_a, col_b
+        quad_a = KD // 4 + 2 * pp
+        quad_b = quad_a + 1
+    return lo, hi, byte, quad_a, quad_b
 
 
 @triton.jit
-def _gemv_sparse_fma(acc_s, p0, lo, hi, byte, col_a, col_b, x_ptr, offs_m, mask_m, GP, stride_xm,
-                     VALUE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
+def _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m, GP, VALUE_DTYPE: tl.constexpr,
+                     X_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
     """FMAs of one 2:4 step (``_gemv_sparse_load``) into the [BLOCK_M, BLOCK_N, BLOCK_P] tile."""
     a0, a1, ai0, ai1, b0, b1, bi0, bi1 = _decode_pairs(lo, hi, byte, VALUE_DTYPE, tl.float32)
-    x_mask = mask_m[:, None] & (p0 + tl.arange(0, BLOCK_P) < GP)[None, :]
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    return acc_s + (_pick_2_4(x_rows + col_a[None, :], x_mask, a0, a1, ai0, ai1)
-                    + _pick_2_4(x_rows + col_b[None, :], x_mask, b0, b1, bi0, bi1))
+    x_mask = mask_m & (p0 + tl.arange(0, BLOCK_P)[None, None, :] < GP)
+    xa0, xa1, xa2, xa3 = _gemv_x_quads(x_rows, quad_a, x_mask, X_DTYPE)
+    xb0, xb1, xb2, xb3 = _gemv_x_quads(x_rows, quad_b, x_mask, X_DTYPE)
+    return acc_s + (_pick_2_4(xa0, xa1, xa2, xa3, a0, a1, ai0, ai1) + _pick_2_4(xb0, xb1, xb2, xb3, b0, b1, bi0, bi1))
 
 
 @triton.jit
@@ -301,16 +318,19 @@ def _spense_gemv_kernel(
     stride_xm, stride_dwn, stride_swn, stride_metan, stride_om,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
-    perm_ptr=None, GATHER_X: tl.constexpr = False, w_scale_ptr=None,
+    VALUE_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, perm_ptr=None, GATHER_X: tl.constexpr = False,
+    w_scale_ptr=None,
 ):
     """Decode (M <= BLOCK_M, a few rows): CUDA-core FMAs, no MMA and so no register-layout conversions.
 
-    All M rows live in one program; partial products stay in [BLOCK_M, BLOCK_N, columns] fp32 tiles that
-    are reduced once at the end. The 2:4 region is walked in pairs of groups (``_load_pair_words``):
-    ``sparse_w_ptr`` is ``sparse_weight`` seen as one word per pair (``pair_words``). FP8 values are
-    converted to fp32 as loaded (W8A16) and scaled once at the store.
-    With ``GATHER_X`` the kernel reads ``x`` in its own channel order through ``perm_ptr`` (channel_perm)
-    instead of a permuted copy.
+    All M rows live in one program; partial products stay in [BLOCK_M, BLOCK_N, quads] fp32 tiles that are
+    reduced once at the end. Every tensor is read as ``quad_words`` (``_load_quads``), one load per four
+    values: ``x_ptr`` (x or its permuted copy), ``dense_w_ptr`` (dense_weight: one quad per dense group)
+    and ``sparse_w_ptr`` (sparse_weight: one quad per pair of 2:4 groups, ``_load_pair_words``); the strides
+    count words. ``VALUE_DTYPE`` / ``X_DTYPE`` say what the words hold. FP8 values are converted to fp32 as
+    loaded (W8A16) and scaled once at the store. With ``GATHER_X`` the kernel reads ``x`` in its own channel
+    order through ``perm_ptr`` (channel_perm; a group's four channels are one quad of x) instead of a
+    permuted copy.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -318,29 +338,38 @@ def _spense_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    # Every tile is [BLOCK_M, BLOCK_N, columns] (x: [BLOCK_M, 1, columns], W: [1, BLOCK_N, columns]) from its
+    # load on, so loads and FMAs share one register layout: with 2-D weight tiles against the 3-D partial
+    # products, the compiler moved every step's weights through shared memory to change layout.
+    rows = offs_n[None, :, None]
+    mask_n3 = mask_n[None, :, None]
+    mask_m3 = mask_m[:, None, None]
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm
+    BLOCK_Q: tl.constexpr = BLOCK_KD // 4
     BLOCK_P: tl.constexpr = BLOCK_G // 2
+    GD = KD // 4
     GP = GS // 2
-    value_dtype = dense_w_ptr.dtype.element_ty
     # Each step's weights are loaded at the end of the step before: as plain loads into registers, which
     # measured faster than the loads inside the step, which Triton's pipeliner stages through shared memory.
-    step = SPLIT_K * BLOCK_KD
-    acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_KD), dtype=tl.float32)
-    w, cols = _gemv_dense_load(pid_k * BLOCK_KD, dense_w_ptr, perm_ptr, offs_n, mask_n, KD, stride_dwn, BLOCK_KD,
-                               GATHER_X)
-    for k0 in range(pid_k * BLOCK_KD, KD, step):
-        acc_d = _gemv_dense_fma(acc_d, k0, w, cols, x_ptr, offs_m, mask_m, KD, stride_xm, BLOCK_KD)
-        w, cols = _gemv_dense_load(k0 + step, dense_w_ptr, perm_ptr, offs_n, mask_n, KD, stride_dwn, BLOCK_KD,
-                                   GATHER_X)
+    step = SPLIT_K * BLOCK_Q
+    acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_Q), dtype=tl.float32)
+    lo, hi, x_quads = _gemv_dense_load(pid_k * BLOCK_Q, dense_w_ptr, perm_ptr, rows, mask_n3, GD, stride_dwn,
+                                       VALUE_DTYPE, BLOCK_Q, GATHER_X)
+    for q0 in range(pid_k * BLOCK_Q, GD, step):
+        acc_d = _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m3, GD, VALUE_DTYPE, X_DTYPE, BLOCK_Q)
+        lo, hi, x_quads = _gemv_dense_load(q0 + step, dense_w_ptr, perm_ptr, rows, mask_n3, GD, stride_dwn,
+                                           VALUE_DTYPE, BLOCK_Q, GATHER_X)
     step = SPLIT_K * BLOCK_P
     acc_s = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_P), dtype=tl.float32)
-    lo, hi, byte, col_a, col_b = _gemv_sparse_load(pid_k * BLOCK_P, sparse_w_ptr, meta_ptr, perm_ptr, offs_n, mask_n,
-                                                   KD, GP, stride_swn, stride_metan, value_dtype, BLOCK_P, GATHER_X)
+    lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, sparse_w_ptr, meta_ptr, perm_ptr, rows,
+                                                     mask_n3, KD, GP, stride_swn, stride_metan, VALUE_DTYPE, BLOCK_P,
+                                                     GATHER_X)
     for p0 in range(pid_k * BLOCK_P, GP, step):
-        acc_s = _gemv_sparse_fma(acc_s, p0, lo, hi, byte, col_a, col_b, x_ptr, offs_m, mask_m, GP, stride_xm,
-                                 value_dtype, BLOCK_P)
-        lo, hi, byte, col_a, col_b = _gemv_sparse_load(p0 + step, sparse_w_ptr, meta_ptr, perm_ptr, offs_n, mask_n,
-                                                       KD, GP, stride_swn, stride_metan, value_dtype, BLOCK_P,
-                                                       GATHER_X)
+        acc_s = _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m3, GP, VALUE_DTYPE, X_DTYPE,
+                                 BLOCK_P)
+        lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(p0 + step, sparse_w_ptr, meta_ptr, perm_ptr, rows, mask_n3,
+                                                         KD, GP, stride_swn, stride_metan, VALUE_DTYPE, BLOCK_P,
+                                                         GATHER_X)
     acc = tl.sum(acc_d, axis=2) + tl.sum(acc_s, axis=2)
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
                   w_scale_ptr)
@@ -449,12 +478,6 @@ class SpenseGemmWeight:
         size = self.sparse_weight.element_size()
         return self.sparse_weight.view({1: torch.int16, 2: torch.int32, 4: torch.int64}[size])
 
-    @property
-    def pair_words(self) -> torch.Tensor:
-        """sparse_weight as one word per *pair* of 2:4 groups (int32 for FP8, int64 for 16-bit values) or,
-        for fp32, one int64 word per group: what the decode kernels load."""
-        return self.sparse_weight.view(torch.int32 if self.is_fp8 else torch.int64)
-
     @classmethod
     def from_packed(cls, packed: PackedSpenseWeight) -> "SpenseGemmWeight":
         dense_ch, sparse_ch = group_channels(packed.dense_mask)
@@ -486,9 +509,9 @@ class KernelConfig:
     quantize_x: bool = False  # FP8 weights, mma/unpack only: x quantized per row to FP8 too (W8A8), not W8A16
 
 
-# Decode, one row: the CUDA-core kernel, 8 rows x (512 dense columns, 256 2:4 groups) per step, x read
-# through channel_perm in the kernel (no permuted copy); the best tiles of sweep_decode_h100_v5.json.
-DECODE_GEMV = KernelConfig(1, 8, 512, 256, 1, 4, 3, "gemv", gather_x=True)
+# Decode, one row: the CUDA-core kernel, 4 rows x (256 dense columns, 256 2:4 groups) per step, x read
+# through channel_perm in the kernel (no permuted copy); the best tiles of sweep_gemv_quads_h100.json.
+DECODE_GEMV = KernelConfig(1, 4, 256, 256, 1, 4, 3, "gemv", gather_x=True)
 # Batched decode: the fused MMA kernel with 16-row tiles of x; cuBLAS + 2:4 expansion ties it at 96 rows and
 # wins beyond (docs/measurements/crossover_h100_v2.json).
 MMA_MAX_M = 64
@@ -543,7 +566,19 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
         raise ValueError(f"spense_gemm: bias must be [{weight.n}] on {x.device}, found {list(bias.shape)}")
 
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32,
+              torch.float8_e4m3fn: tl.float8e4nv}
+
+
+def quad_words(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor whose rows hold whole quads (four values) seen as words: one int32 per quad of 1-byte
+    values, one int64 per quad of 2-byte values, two int64 for 4-byte ones: what ``_load_quads`` reads.
+    For sparse_weight a quad is a pair of 2:4 groups. A tensor that does not start on an 8-byte boundary
+    (a view into a larger buffer) is copied first."""
+    word = torch.int32 if tensor.element_size() == 1 else torch.int64
+    if tensor.numel() == 0:  # no dense region (rho = 0): its strides need not allow the view
+        return torch.empty(*tensor.shape[:-1], 0, device=tensor.device, dtype=word)
+    return (tensor.clone() if tensor.data_ptr() % 8 else tensor).view(word)
 
 
 def _expand(weight: SpenseGemmWeight, out: torch.Tensor, block_n: int, block_g: int, with_dense: bool,
@@ -647,24 +682,27 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         return y if out is None else out.copy_(y)
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
-    values = weight.pair_words
-    args = (x_perm, weight.dense_weight, values, weight.sparse_meta, bias if bias is not None else x,
-            acc, m, weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE,
-            x_perm.stride(0), weight.dense_weight.stride(0), values.stride(0), weight.sparse_meta.stride(0),
-            acc.stride(0))
+    n, kd, gs = weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
+    values, bias_arg = quad_words(weight.sparse_weight), bias if bias is not None else x
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
                  num_warps=config.num_warps, num_stages=config.num_stages)
     if config.kernel == "gemv":
         if m > config.block_m:
             raise ValueError(f"spense_gemm: the gemv kernel takes M <= block_m={config.block_m}, found M={m}")
-        grid = (triton.cdiv(weight.n, config.block_n), config.split_k)
-        _spense_gemv_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles,
-                                  perm_ptr=weight.channel_perm, GATHER_X=gather, w_scale_ptr=weight.weight_scale)
+        x_words, dense_words = quad_words(x_perm), quad_words(weight.dense_weight)
+        _spense_gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
+            x_words, dense_words, values, weight.sparse_meta, bias_arg, acc, m, n, kd, gs,
+            x_words.stride(0), dense_words.stride(0), values.stride(0), weight.sparse_meta.stride(0), acc.stride(0),
+            HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles,
+            VALUE_DTYPE=_TL_DTYPES[weight.dense_weight.dtype], X_DTYPE=_TL_DTYPES[x.dtype],
+            perm_ptr=weight.channel_perm, GATHER_X=gather, w_scale_ptr=weight.weight_scale)
     else:
-        grid = (triton.cdiv(m, config.block_m), triton.cdiv(weight.n, config.block_n), config.split_k)
-        _spense_gemm_kernel[grid](*args, HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
-                                  FP32_DOT=x_perm.dtype == torch.float32, **tiles, PADDED_M=padded,
-                                  w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale)
+        _spense_gemm_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)](
+            x_perm, weight.dense_weight, values, weight.sparse_meta, bias_arg, acc, m, n, kd, gs,
+            x_perm.stride(0), weight.dense_weight.stride(0), values.stride(0), weight.sparse_meta.stride(0),
+            acc.stride(0), HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
+            FP32_DOT=x_perm.dtype == torch.float32, **tiles, PADDED_M=padded,
+            w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale)
     if config.split_k > 1:
         result.copy_(acc)
     return result

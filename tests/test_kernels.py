@@ -62,6 +62,20 @@ def test_gemm_matches_fp64(dtype, shape, m, path):
     assert error < (2e-3 if dtype == torch.float16 else 1e-5), f"relative error {error:.2e}"
 
 
+@pytest.mark.parametrize("path", ["gemv", "gemv gather"])
+def test_gemv_reads_x_that_starts_off_a_word_boundary(path, generator):
+    """The gemv reads x four channels per 8-byte word; an x that is a view starting 2 bytes into a buffer
+    (as a slice of a larger activation buffer can) must still give the right product."""
+    shape = SHAPES[1]
+    weight, gemm_weight = make_weight(shape, torch.float16, generator)
+    buffer = torch.randn(3 * shape[1] + 1, generator=generator).to(torch.float16).to(DEVICE)
+    x = buffer[1:].view(3, shape[1])
+    assert x.data_ptr() % 8 != 0
+    out = spense_gemm(x, gemm_weight, config=CONFIGS[path])
+    expected = x.double().cpu() @ weight.double().t()
+    assert (out.double().cpu() - expected).norm() / expected.norm() < 2e-3
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_expanded_2_4_region_is_the_weight_at_its_2_4_channels(shape, generator):
     """The prefill path's temporary, against the weight it was packed from (exact: values are only moved)."""
