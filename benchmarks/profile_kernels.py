@@ -106,8 +106,14 @@ def summarize(csv_path: str, manifest_path: str) -> str:
             continue
         if current is not None:
             groups.setdefault(current, []).append(row)
-    scale = {"us": {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0}[units[COLUMNS["us"]]],
-             "dram GB": {"byte": 1e-9, "Kbyte": 1e-6, "Mbyte": 1e-3, "Gbyte": 1.0}.get(units.get(COLUMNS["dram GB"]), 1.0)}
+    known = {"us": {"ns": 1e-3, "nsecond": 1e-3, "usecond": 1.0, "us": 1.0},
+             "dram GB": {"byte": 1e-9, "Kbyte": 1e-6, "Mbyte": 1e-3, "Gbyte": 1.0}}
+    scale = {}
+    for key, factors in known.items():
+        unit = units.get(COLUMNS[key])
+        if unit not in factors:
+            raise ValueError(f"{csv_path}: {COLUMNS[key]} is in {unit!r}, expected one of {sorted(factors)}")
+        scale[key] = factors[unit]
     out = [f"device: {manifest['device']}",
            "| workload | kernels | " + " | ".join(COLUMNS) + " | top stalls (warps per issue) | kernel names |",
            "| --- | ---: | " + " | ".join("---:" for _ in COLUMNS) + " | --- | --- |"]

@@ -135,7 +135,7 @@ def _spense_gemm_kernel(
     # 2:4 region, BLOCK_G groups (BLOCK_G / 2 pairs) per step, expanded in registers into one zero-filled
     # [BLOCK_N, 4 * BLOCK_G] tile (``_expand_pairs``) against 4 * BLOCK_G contiguous activation columns.
     # The words are loaded inside the step that uses them: Triton's pipeliner then keeps NUM_STAGES steps of
-    # them in flight (loading them a step ahead by hand instead measured 30% slower, docs/KERNELS.md).
+    # them in flight (loading them a step ahead by hand instead measured 30-55% slower, docs/KERNELS.md).
     BLOCK_P: tl.constexpr = BLOCK_G // 2
     GP = GS // 2
     offs_p = tl.arange(0, BLOCK_P)

@@ -11,6 +11,8 @@ import pathlib
 import random
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import profile_kernels  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 
@@ -55,3 +57,13 @@ def test_summary_attributes_kernels_to_workloads_by_marker(tmp_path, generator):
         assert abs(float(cells[2]) - total_us) < 0.06  # printed to 0.1 us
         half_digit = 0.5 * 10 ** (math.floor(math.log10(dram_gb)) - 2)  # printed to 3 significant digits
         assert abs(float(cells[3]) - dram_gb) <= half_digit * 1.001
+
+
+def test_summary_refuses_a_time_unit_it_does_not_know(tmp_path, generator):
+    rng = random.Random(generator.initial_seed())
+    write_ncu_csv(tmp_path / "ncu.csv", [1, 2], rng)
+    text = (tmp_path / "ncu.csv").read_text()
+    (tmp_path / "ncu.csv").write_text(text.replace('"ns"', '"msecond"', 1))
+    (tmp_path / "manifest.json").write_text(json.dumps({"device": "test card", "workloads": ["a", "b"]}))
+    with pytest.raises(ValueError, match="gpu__time_duration.sum is in 'msecond'"):
+        profile_kernels.summarize(str(tmp_path / "ncu.csv"), str(tmp_path / "manifest.json"))
