@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine (the CUDA image: torch, triton, transformers).
-# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|ncu|sweep|sweep_fp8|sweep_mma|sweep_batch|crossover|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
+# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|ncu|ab|sweep|sweep_fp8|sweep_mma|sweep_batch|crossover|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
 set -uo pipefail
 out=${1:-/tmp/spense-gpu}; shift || true
 steps=${*:-check plugin gemm prune}
@@ -28,6 +28,7 @@ for step in $steps; do
            python3 "$src/benchmarks/profile_kernels.py" --manifest "$out/ncu_manifest.json" > "$out/ncu.csv" 2> "$out/ncu.err" || status=1
          python3 "$src/benchmarks/profile_kernels.py" --summarize "$out/ncu.csv" "$out/ncu_manifest.json" \
            2>&1 | tee "$out/ncu_summary.txt" || status=1 ;;
+    ab) python3 "$src/benchmarks/ab_previous.py" --json "$out/ab_previous.json" 2>&1 | grep -v Warning || status=1 ;;
     sweep_fp8) python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_fp8.json" --sweep-ms 1 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;
     sweep_mma) python3 "$src/benchmarks/bench_gemm.py" --sweep "$out/sweep_mma.json" --sweep-ms 8 --shapes 2>&1 | grep -E "sweep|Error|error:" || status=1
                python3 "$src/benchmarks/bench_gemm.py" --fp8 --sweep "$out/sweep_mma_fp8.json" --sweep-ms 8 2>&1 | grep -E "sweep|Error|error:" || status=1 ;;

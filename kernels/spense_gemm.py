@@ -14,12 +14,14 @@ values (``quad_words``): a group's four activations, a dense group's four values
 four kept values (with one metadata byte); the activation under each kept value is picked from its
 group's four with two selects.
 
-M = 2 .. ``MMA_MAX_M`` (``_spense_gemm_kernel``, ``BATCHED_DECODE_MMA``): ``x`` is permuted once into a copy
-padded to whole 16-row tiles (dense channels, then 2:4 channels, so both regions read contiguous columns).
-One program owns a ``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region
-in ``BLOCK_KD`` steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding each step's
-packed values and 4-bit indices in registers into one ``BLOCK_N x 4*BLOCK_G`` tile with zeros at the
-pruned positions (``_expand_pairs``) for one MMA. W is never decompressed in memory. The M tiles of an N
+M = 2 .. ``MMA_MAX_M`` (``_spense_gemm_kernel``, ``BATCHED_DECODE_MMA``): ``x`` is permuted once
+(``permute_columns``, one 8-byte word per 4-channel group) into a copy padded to whole 16-row tiles (dense
+channels, then 2:4 channels, so both regions read contiguous columns). One program owns a
+``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region in ``BLOCK_KD``
+steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding each step's packed values and
+4-bit indices in registers into one ``BLOCK_N x 4*BLOCK_G`` tile with zeros at the pruned positions for one
+MMA: by byte permutes on NVIDIA GPUs (``_expand_pairs_by_permutes``, inline PTX), by selects elsewhere
+(``_expand_pairs``). W is never decompressed in memory. The M tiles of an N
 tile are neighbours in the grid, so they share its weights through L2. With ``SPLIT_K > 1`` programs split
 both walks and add partial sums into an fp32 buffer with atomics.
 
@@ -104,9 +106,10 @@ def _spense_gemm_kernel(
     # meta-parameters
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
-    PADDED_M: tl.constexpr = False, w_scale_ptr=None, x_scale_ptr=None,
+    PADDED_M: tl.constexpr = False, w_scale_ptr=None, x_scale_ptr=None, BYTE_PERMUTES: tl.constexpr = False,
 ):
-    """FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
+    """With ``BYTE_PERMUTES`` (NVIDIA GPUs) 16-bit 2:4 values are expanded by ``_expand_pairs_by_permutes``.
+    FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
     quantized per row to FP8 (``x_scale_ptr`` set), multiplied as FP8 on the tensor cores (W8A8); the
     scales multiply the accumulator once, at the store."""
     pid_m = tl.program_id(0)  # the M tiles of one N tile run side by side and share its weights through L2
@@ -147,6 +150,8 @@ def _spense_gemm_kernel(
                                         mask_n[:, None] & (pp < GP)[None, :], stride_swn, stride_metan, value_dtype)
         if x_scale_ptr is not None:  # W8A8: expand the FP8 bytes, then read the tile as FP8
             w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, tl.int8)).to(tl.float8e4nv, bitcast=True)
+        elif BYTE_PERMUTES and (value_dtype == tl.bfloat16 or value_dtype == tl.float16):
+            w = _expand_pairs_by_permutes(lo, byte, x_ptr.dtype.element_ty)
         else:
             w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, x_ptr.dtype.element_ty))
         cols = KD + 8 * p0 + offs_c
@@ -248,10 +253,72 @@ def _expand_pairs(a0, a1, ai0, ai1, b0, b1, bi0, bi1):
     positions: column 8p + q holds position q of pair p (groups 2p, then 2p + 1)."""
     w0, w1, w2, w3 = _expand_group(a0, a1, ai0, ai1)
     w4, w5, w6, w7 = _expand_group(b0, b1, bi0, bi1)
+    return _interleave_pairs(w0, w1, w2, w3, w4, w5, w6, w7)
+
+
+@triton.jit
+def _interleave_pairs(w0, w1, w2, w3, w4, w5, w6, w7):
+    """Eight [BLOCK_N, BLOCK_P] tiles, position q of every pair in ``wq``, as the [BLOCK_N, 8 * BLOCK_P] tile
+    whose column 8p + q holds position q of pair p."""
     # join(join(join(w0, w4), join(w2, w6)), join(join(w1, w5), join(w3, w7)))[n, p, i, j, l] is position
     # 4i + 2j + l, so the row-major reshape puts the eight positions of each pair in order.
     tile = tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
     return tl.reshape(tile, (w0.shape[0], 8 * w0.shape[1]))
+
+
+# A pair of 2:4 groups of 16-bit values (one ``quad_words`` word, one metadata byte) -> its eight positions,
+# as four 32-bit registers (the MMA operand's bf16x2 / f16x2 pairs) built with byte permutes: a position's
+# two bytes come from the group's first kept value (selector 0x10), its second (0x32) or zero (0x44, a byte
+# of the zero operand). The selector of a group's four positions is 0x44444444 with 0x10 swapped in at byte
+# i0 and 0x32 at byte i1 (two shifts and two xors). On sm_90 this took the MMA kernel's 2:4 loop from 1024
+# to 701 SASS instructions a step (docs/KERNELS.md).
+_EXPAND_PAIR_PTX = tl.constexpr("""
+{
+.reg .b32 wa, wb, c0, c1, t0, t1, s, r;
+mov.b64 {wa, wb}, $8;
+mov.b32 c0, 0x54;
+mov.b32 c1, 0x76;
+shl.b32 t0, $9, 3;
+and.b32 t0, t0, 0x18;
+shl.b32 t1, $9, 1;
+and.b32 t1, t1, 0x18;
+shl.b32 t0, c0, t0;
+shl.b32 t1, c1, t1;
+xor.b32 s, t0, t1;
+xor.b32 s, s, 0x44444444;
+prmt.b32 r, wa, 0, s;
+mov.b32 {$0, $1}, r;
+shr.b32 s, s, 16;
+prmt.b32 r, wa, 0, s;
+mov.b32 {$2, $3}, r;
+shr.b32 t0, $9, 1;
+and.b32 t0, t0, 0x18;
+shr.b32 t1, $9, 3;
+and.b32 t1, t1, 0x18;
+shl.b32 t0, c0, t0;
+shl.b32 t1, c1, t1;
+xor.b32 s, t0, t1;
+xor.b32 s, s, 0x44444444;
+prmt.b32 r, wb, 0, s;
+mov.b32 {$4, $5}, r;
+shr.b32 s, s, 16;
+prmt.b32 r, wb, 0, s;
+mov.b32 {$6, $7}, r;
+}
+""")
+
+
+@triton.jit
+def _expand_pairs_by_permutes(lo, byte, OUT_DTYPE: tl.constexpr):
+    """``_expand_pairs`` for 16-bit values straight from the raw words of ``_load_pair_words`` (``lo`` int64,
+    ``byte`` int32), with the byte permutes above: NVIDIA GPUs only (inline PTX; the CPU interpreter and
+    other values take ``_decode_pairs`` + ``_expand_pairs``)."""
+    w = tl.inline_asm_elementwise(_EXPAND_PAIR_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,l,r", [lo, byte],
+                                  dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    return _interleave_pairs(w[0].to(OUT_DTYPE, bitcast=True), w[1].to(OUT_DTYPE, bitcast=True),
+                             w[2].to(OUT_DTYPE, bitcast=True), w[3].to(OUT_DTYPE, bitcast=True),
+                             w[4].to(OUT_DTYPE, bitcast=True), w[5].to(OUT_DTYPE, bitcast=True),
+                             w[6].to(OUT_DTYPE, bitcast=True), w[7].to(OUT_DTYPE, bitcast=True))
 
 
 @triton.jit
@@ -429,6 +496,21 @@ def _round_to_e4m3(v):
     ulp = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
     magic = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds |y| < 2^22 to an integer, ties to even
     return ((v / ulp + magic) - magic) * ulp
+
+
+@triton.jit
+def _permute_quads_kernel(x_ptr, perm_ptr, out_ptr, Q, stride_xm, stride_om, WORDS: tl.constexpr,
+                          BLOCK_Q: tl.constexpr):
+    """``x[:, channel_perm]`` a quad at a time (four channels, ``quad_words``; WORDS words a quad): the
+    permutation moves whole 4-channel groups, so quad j of the output is quad ``channel_perm[4 j] / 4`` of
+    x. One 8-byte load per quad instead of torch's gather of single elements."""
+    row = tl.program_id(0)
+    qq = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask = qq < Q
+    source = tl.load(perm_ptr + 4 * qq, mask=mask, other=0) >> 2
+    for word in tl.static_range(WORDS):
+        quads = tl.load(x_ptr + row * stride_xm + source * WORDS + word, mask=mask)
+        tl.store(out_ptr + row * stride_om + qq * WORDS + word, quads, mask=mask)
 
 
 @triton.jit
@@ -626,6 +708,20 @@ def _row_buffer(rows: int, m: int, k: int, dtype: torch.dtype, device: torch.dev
     return buffer
 
 
+def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x[:, channel_perm]`` (dense channels first, then the 2:4 channels) in a buffer of ``rows >= M``
+    rows (the padding rows are left unset on the GPU). One launch of ``_permute_quads_kernel``, in place
+    of torch's ``index_select``, which cost about a fifth of the MMA path's time at M = 8 (docs/KERNELS.md)."""
+    m, k = x.shape
+    permuted = _row_buffer(rows, m, k, x.dtype, x.device)
+    source, target = quad_words(x.contiguous()), quad_words(permuted)
+    words = source.shape[1] // (k // GROUP_SIZE)
+    block = min(1024, triton.next_power_of_2(k // GROUP_SIZE))
+    _permute_quads_kernel[(m, triton.cdiv(k // GROUP_SIZE, block))](
+        source, channel_perm, target, k // GROUP_SIZE, source.stride(0), target.stride(0), WORDS=words, BLOCK_Q=block)
+    return permuted
+
+
 def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x[:, channel_perm]`` quantized per row to float8_e4m3fn, in a buffer of ``rows >= M`` rows (the
     padding rows are left unset), and the per-row scales ``[rows]`` float32."""
@@ -678,9 +774,8 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         x_perm = x.contiguous()
     elif w8a8:
         x_perm, x_scale = quantize_rows_fp8(x, weight.channel_perm, rows)
-    else:  # dense channels first, then the 2:4 channels
-        x_perm = _row_buffer(rows, m, weight.k, x.dtype, x.device)
-        torch.index_select(x, 1, weight.channel_perm, out=x_perm[:m])
+    else:
+        x_perm = permute_columns(x, weight.channel_perm, rows)
     if config.kernel == "unpack":  # prefill: cuBLAS allocates its own output; copy only into a given ``out``
         y = _prefill(x_perm, x_scale, weight, bias, config, x.dtype)
         return y if out is None else out.copy_(y)
@@ -706,7 +801,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
             x_perm.stride(0), weight.dense_weight.stride(0), values.stride(0), weight.sparse_meta.stride(0),
             acc.stride(0), HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
             FP32_DOT=x_perm.dtype == torch.float32, **tiles, PADDED_M=padded,
-            w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale)
+            w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale, BYTE_PERMUTES=x.is_cuda and torch.version.hip is None)
     if config.split_k > 1:
         result.copy_(acc)
     return result

@@ -13,9 +13,9 @@ import torch
 
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import fp8_round, fp8_scales, pack
-from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, DECODE_GEMV, FP8_PREFILL, MMA_MAX_M,
-                                             UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight, choose_config,
-                                             expand_2_4, expand_fp8, spense_gemm)
+from vllm_spense.kernels.spense_gemm import (_EXPAND_PAIR_PTX, BATCHED_DECODE_MMA, DECODE_GEMV, FP8_PREFILL,
+                                             MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
+                                             choose_config, expand_2_4, expand_fp8, permute_columns, spense_gemm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
@@ -62,10 +62,11 @@ def test_gemm_matches_fp64(dtype, shape, m, path):
     assert error < (2e-3 if dtype == torch.float16 else 1e-5), f"relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv gather"])
-def test_gemv_reads_x_that_starts_off_a_word_boundary(path, generator):
-    """The gemv reads x four channels per 8-byte word; an x that is a view starting 2 bytes into a buffer
-    (as a slice of a larger activation buffer can) must still give the right product."""
+@pytest.mark.parametrize("path", ["gemv", "gemv gather", "decode", "prefill (unpack + GEMM)"])
+def test_x_that_starts_off_a_word_boundary(path, generator):
+    """Every path reads x four channels per 8-byte word (the gemv directly, the others when permuting it);
+    an x that is a view starting 2 bytes into a buffer (as a slice of a larger activation buffer can) must
+    still give the right product."""
     shape = SHAPES[1]
     weight, gemm_weight = make_weight(shape, torch.float16, generator)
     buffer = torch.randn(3 * shape[1] + 1, generator=generator).to(torch.float16).to(DEVICE)
@@ -74,6 +75,80 @@ def test_gemv_reads_x_that_starts_off_a_word_boundary(path, generator):
     out = spense_gemm(x, gemm_weight, config=CONFIGS[path])
     expected = x.double().cpu() @ weight.double().t()
     assert (out.double().cpu() - expected).norm() / expected.norm() < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m", [1, 5, 70])
+def test_permuted_activations_are_x_at_channel_perm(dtype, m, generator):
+    """The quad-wise permutation against torch's indexing (exact: values are only moved), from a column slice
+    of a wider buffer, into a buffer padded to more rows."""
+    _, gemm_weight = make_weight(SHAPES[3], dtype, generator)
+    k = SHAPES[3][1]
+    wide = torch.randn(m, k + 12, generator=generator).to(dtype).to(DEVICE)
+    x = wide[:, 4:4 + k]
+    permuted = permute_columns(x, gemm_weight.channel_perm, m + 11)
+    assert permuted.shape == (m + 11, k)
+    assert torch.equal(permuted[:m], x[:, gemm_weight.channel_perm.long()])
+
+
+def _run_expand_pair_ptx(pair_word: int, meta_byte: int) -> list[int]:
+    """The shipped PTX of ``_expand_pairs_by_permutes`` executed instruction by instruction in Python (its
+    ops only: mov, shl, shr, and, xor, prmt on 32-bit registers), returning its eight 16-bit outputs."""
+    regs = {"$8": pair_word, "$9": meta_byte}
+    outputs = {}
+
+    def value(token):
+        return regs[token] if token in regs else int(token, 0)
+
+    for line in _EXPAND_PAIR_PTX.value.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        if op == "mov.b64":  # mov.b64 {lo, hi}, $8
+            lo, hi = args[args.index("{") + 1:args.index("}")].replace(" ", "").split(",")
+            word = value(args.rsplit(",", 1)[1].strip())
+            regs[lo], regs[hi] = word & 0xFFFFFFFF, word >> 32
+            continue
+        if op == "mov.b32" and args.startswith("{"):  # mov.b32 {$a, $b}, r: two 16-bit outputs
+            a, b = args[1:args.index("}")].replace(" ", "").split(",")
+            word = value(args.rsplit(",", 1)[1].strip())
+            outputs[a], outputs[b] = word & 0xFFFF, word >> 16
+            continue
+        dest, *sources = [t.strip() for t in args.split(",")]
+        operands = [value(t) for t in sources]
+        if op == "mov.b32":
+            result = operands[0]
+        elif op == "shl.b32":
+            result = operands[0] << operands[1] if operands[1] < 32 else 0
+        elif op == "shr.b32":
+            result = operands[0] >> operands[1]
+        elif op == "and.b32":
+            result = operands[0] & operands[1]
+        elif op == "xor.b32":
+            result = operands[0] ^ operands[1]
+        elif op == "prmt.b32":  # bytes of {b, a} picked by the low four nibbles of c
+            pool = [(operands[0] >> 8 * i) & 0xFF for i in range(4)] + [(operands[1] >> 8 * i) & 0xFF for i in range(4)]
+            result = sum(pool[(operands[2] >> 4 * i) & 0x7] << 8 * i for i in range(4))
+        else:
+            raise AssertionError(f"unexpected PTX op {op}")
+        regs[dest] = result & 0xFFFFFFFF
+    return [outputs[f"${i}"] for i in range(8)]
+
+
+def test_byte_permute_expansion_places_every_kept_value(generator):
+    """The GPU's byte-permute expansion (inline PTX, which the CPU interpreter cannot run) against the
+    positions it must produce, for every valid metadata byte of a group pair: first value at i0, second at
+    i1 of each group, zeros elsewhere."""
+    for byte in range(256):
+        (a0, a1), (b0, b1) = (byte & 3, byte >> 2 & 3), (byte >> 4 & 3, byte >> 6 & 3)
+        if a0 >= a1 or b0 >= b1:
+            continue  # not a 2:4 index pair (the first index is always the smaller)
+        values = torch.randint(1, 2**16, (4,), generator=generator).tolist()
+        word = values[0] | values[1] << 16 | values[2] << 32 | values[3] << 48
+        expected = [0] * 8
+        expected[a0], expected[a1], expected[4 + b0], expected[4 + b1] = values
+        assert _run_expand_pair_ptx(word, byte) == expected, f"metadata byte {byte:#04x}"
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -1,0 +1,69 @@
+"""The current kernels against an earlier copy of them, both on their default paths, in one run on one card.
+
+    git show REV:kernels/spense_gemm.py > benchmarks/_old_spense_gemm.py
+    python benchmarks/ab_previous.py --json ab.json      # or: bash benchmarks/run_gpu.sh OUT ab
+
+Qwen3-8B shapes, rho = 0.25, bf16, M in 1, 2, 8, 16, 64, 2048; cuBLAS beside them; each kernel's relative
+error against the checked cuBLAS + expansion path in fp32. Timing as bench_gemm.py (CUDA graphs, rotating
+weights, median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from bench_gemm import rotating_weights, timed
+from vllm_spense.kernels import spense_gemm as current
+
+MS = (1, 2, 8, 16, 64, 2048)
+
+
+def load_previous(path: str):
+    spec = importlib.util.spec_from_file_location("_old_spense_gemm", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def relative_error(module, x: torch.Tensor, w) -> float:
+    expected = current.spense_gemm(x.float(), current.SpenseGemmWeight.from_channel_perm(
+        w.dense_weight.float(), w.sparse_weight.float(), w.sparse_meta, w.channel_perm), config=current.UNPACK_AND_CUBLAS)
+    got = module.spense_gemm(x, w).float()
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--previous", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                           "_old_spense_gemm.py"))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    kernels = {"current": current, "previous": load_previous(args.previous)}
+    rows = []
+    for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
+        k, ws, dense_ws = rotating_weights(name, 0.25)
+        for m in MS:
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
+            row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3}
+            for label, module in kernels.items():
+                row[f"{label}_us"] = timed(lambda w, x, module=module: module.spense_gemm(x, w), ws, xs) * 1e3
+                row[f"{label}_rel_error"] = relative_error(module, xs[0], ws[0])
+            print(json.dumps({key: round(v, 5) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
+            rows.append(row)
+        del ws, dense_ws
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
