@@ -280,40 +280,31 @@ def _interleave_pairs(w0, w1, w2, w3, w4, w5, w6, w7):
 # of the zero operand). The selector of a group's four positions is 0x44444444 with 0x10 swapped in at byte
 # i0 and 0x32 at byte i1 (two shifts and two xors). On sm_90 this took the MMA kernel's 2:4 loop from 1024
 # to 701 SASS instructions a step (docs/KERNELS.md).
-_EXPAND_PAIR_PTX = tl.constexpr("""
-{
-.reg .b32 wa, wb, c0, c1, t0, t1, s, r;
-mov.b64 {wa, wb}, $8;
-mov.b32 c0, 0x54;
-mov.b32 c1, 0x76;
-shl.b32 t0, $9, 3;
+# One group: its selector from the metadata byte's two indices (``shift`` takes index i to 8 * i in bits 3-4),
+# then the two permutes, from the group's half of the pair word, into outputs ``out`` .. ``out + 3``.
+_GROUP_PTX = """
+{shift_i0} t0, $9, {by_i0};
 and.b32 t0, t0, 0x18;
-shl.b32 t1, $9, 1;
+{shift_i1} t1, $9, {by_i1};
 and.b32 t1, t1, 0x18;
 shl.b32 t0, c0, t0;
 shl.b32 t1, c1, t1;
 xor.b32 s, t0, t1;
 xor.b32 s, s, 0x44444444;
-prmt.b32 r, wa, 0, s;
-mov.b32 {$0, $1}, r;
+prmt.b32 r, {word}, 0, s;
+mov.b32 {{${out0}, ${out1}}}, r;
 shr.b32 s, s, 16;
-prmt.b32 r, wa, 0, s;
-mov.b32 {$2, $3}, r;
-shr.b32 t0, $9, 1;
-and.b32 t0, t0, 0x18;
-shr.b32 t1, $9, 3;
-and.b32 t1, t1, 0x18;
-shl.b32 t0, c0, t0;
-shl.b32 t1, c1, t1;
-xor.b32 s, t0, t1;
-xor.b32 s, s, 0x44444444;
-prmt.b32 r, wb, 0, s;
-mov.b32 {$4, $5}, r;
-shr.b32 s, s, 16;
-prmt.b32 r, wb, 0, s;
-mov.b32 {$6, $7}, r;
-}
-""")
+prmt.b32 r, {word}, 0, s;
+mov.b32 {{${out2}, ${out3}}}, r;
+"""
+_EXPAND_PAIR_PTX = tl.constexpr(
+    "{\n.reg .b32 wa, wb, c0, c1, t0, t1, s, r;\nmov.b64 {wa, wb}, $8;\nmov.b32 c0, 0x54;\nmov.b32 c1, 0x76;"
+    # group 2p: indices in bits 0-1 and 2-3, values in the word's low half; group 2p + 1: bits 4-7, high half
+    + _GROUP_PTX.format(shift_i0="shl.b32", by_i0=3, shift_i1="shl.b32", by_i1=1, word="wa", out0=0, out1=1, out2=2,
+                        out3=3)
+    + _GROUP_PTX.format(shift_i0="shr.b32", by_i0=1, shift_i1="shr.b32", by_i1=3, word="wb", out0=4, out1=5, out2=6,
+                        out3=7)
+    + "}")
 
 
 @triton.jit
