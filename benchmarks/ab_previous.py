@@ -3,9 +3,9 @@
     git show REV:kernels/spense_gemm.py > benchmarks/_old_spense_gemm.py
     python benchmarks/ab_previous.py --json ab.json      # or: bash benchmarks/run_gpu.sh OUT ab
 
-Qwen3-8B shapes (``--shapes``: any of bench_gemm.py's), rho = 0.25, bf16, M in 1, 2, 8, 16, 64, 2048; cuBLAS beside them; each kernel's relative
-error against the checked cuBLAS + expansion path in fp32. Timing as bench_gemm.py (CUDA graphs, rotating
-weights, median).
+Qwen3-8B shapes (``--shapes``: any of bench_gemm.py's), rho = 0.25, bf16, M in 1, 2, 8, 16, 64, 2048;
+cuBLAS beside them; each kernel's relative error against the checked cuBLAS + expansion path in fp32,
+computed once per shape and M. Timing as bench_gemm.py (CUDA graphs, rotating weights, median).
 """
 
 from __future__ import annotations
@@ -33,11 +33,10 @@ def load_previous(path: str):
     return module
 
 
-def relative_error(module, x: torch.Tensor, w) -> float:
-    expected = current.spense_gemm(x.float(), current.SpenseGemmWeight.from_channel_perm(
+def reference(x: torch.Tensor, w) -> torch.Tensor:
+    """``x @ W^T`` in fp32 through the checked cuBLAS + expansion path."""
+    return current.spense_gemm(x.float(), current.SpenseGemmWeight.from_channel_perm(
         w.dense_weight.float(), w.sparse_weight.float(), w.sparse_meta, w.channel_perm), config=current.UNPACK_AND_CUBLAS)
-    got = module.spense_gemm(x, w).float()
-    return ((got - expected).norm() / expected.norm()).item()
 
 
 def main() -> None:
@@ -54,9 +53,11 @@ def main() -> None:
         for m in MS:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
             row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3}
+            expected = reference(xs[0], ws[0])
             for label, module in kernels.items():
                 row[f"{label}_us"] = timed(lambda w, x, module=module: module.spense_gemm(x, w), ws, xs) * 1e3
-                row[f"{label}_rel_error"] = relative_error(module, xs[0], ws[0])
+                got = module.spense_gemm(xs[0], ws[0]).float()
+                row[f"{label}_rel_error"] = ((got - expected).norm() / expected.norm()).item()
             print(json.dumps({key: round(v, 5) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
             rows.append(row)
         del ws, dense_ws
