@@ -3,7 +3,7 @@
     git show REV:kernels/spense_gemm.py > benchmarks/_old_spense_gemm.py
     python benchmarks/ab_previous.py --json ab.json      # or: bash benchmarks/run_gpu.sh OUT ab
 
-Qwen3-8B shapes (``--shapes``: any of bench_gemm.py's), rho = 0.25, bf16, M in 1, 2, 8, 16, 64, 2048;
+Qwen3-8B shapes (``--shapes``: any of bench_gemm.py's), rho = 0.25, bf16, M in 1, 2, 8, 16, 64, 2048 (``--ms``);
 cuBLAS beside them; each kernel's relative error against the checked cuBLAS + expansion path in fp32,
 computed once per shape and M. Timing as bench_gemm.py (CUDA graphs, rotating weights, median).
 """
@@ -44,13 +44,14 @@ def main() -> None:
     parser.add_argument("--previous", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                            "_old_spense_gemm.py"))
     parser.add_argument("--shapes", nargs="*", default=["8B qkv", "8B o", "8B gate_up", "8B down"])
+    parser.add_argument("--ms", nargs="*", type=int, default=list(MS))
     parser.add_argument("--json")
     args = parser.parse_args()
     kernels = {"current": current, "previous": load_previous(args.previous)}
     rows = []
     for name in args.shapes:
         k, ws, dense_ws = rotating_weights(name, 0.25)
-        for m in MS:
+        for m in args.ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
             row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3}
             expected = reference(xs[0], ws[0])

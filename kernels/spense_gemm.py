@@ -154,8 +154,8 @@ def _spense_gemm_kernel(
     value_dtype = dense_w_ptr.dtype.element_ty
     for p0 in range(pid_k * BLOCK_P, GP, SPLIT_K * BLOCK_P):
         pp = p0 + offs_p
-        lo, hi, byte = _load_pair_words(sparse_w_ptr + word_rows, meta_ptr + meta_rows, 0, pp[None, :],
-                                        mask_n[:, None] & (pp < GP)[None, :], 0, 0, value_dtype)
+        lo, hi, byte = _load_pair_words(sparse_w_ptr + word_rows, meta_ptr + meta_rows, pp[None, :],
+                                        mask_n[:, None] & (pp < GP)[None, :], value_dtype)
         if x_scale_ptr is not None:  # W8A8: expand the FP8 bytes, then read the tile as FP8
             w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, tl.int8)).to(tl.float8e4nv, bitcast=True)
         elif BYTE_PERMUTES and (value_dtype == tl.bfloat16 or value_dtype == tl.float16):
@@ -217,15 +217,16 @@ def _unpack_quad(lo, hi, VALUE_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _load_pair_words(pairs_ptr, meta_ptr, rows, pp, mask, stride_pn, stride_metan, VALUE_DTYPE: tl.constexpr):
-    """The raw words of a tile of 2:4 group *pairs* (groups 2p and 2p+1) of W's ``rows`` (shaped to broadcast
-    against the pair indices ``pp``, e.g. [BLOCK_N, 1] and [1, BLOCK_P]): (lo, hi, byte).
+def _load_pair_words(pair_rows, meta_rows, pp, mask, VALUE_DTYPE: tl.constexpr):
+    """The raw words of a tile of 2:4 group *pairs* (groups 2p and 2p+1) of the rows of W that start at the
+    pointers ``pair_rows`` (sparse_weight as ``quad_words``) and ``meta_rows`` (sparse_meta), shaped to
+    broadcast against the pair indices ``pp`` (e.g. [BLOCK_N, 1] and [1, BLOCK_P]): (lo, hi, byte).
 
     A pair's four values are one quad (``_load_quads``), its two index nibbles one metadata byte. Every load
     is contiguous along the row and nothing is read twice. Split from ``_decode_pairs`` so a loop can load
     its next step before it decodes this one."""
-    byte = tl.load(meta_ptr + rows * stride_metan + pp, mask=mask, other=0x44).to(tl.int32)
-    lo, hi = _load_quads(pairs_ptr + rows * stride_pn, pp, mask, VALUE_DTYPE)
+    byte = tl.load(meta_rows + pp, mask=mask, other=0x44).to(tl.int32)
+    lo, hi = _load_quads(pair_rows, pp, mask, VALUE_DTYPE)
     return lo, hi, byte
 
 
@@ -333,12 +334,13 @@ def _gemv_x_quads(x_rows, quads, mask, weights, X_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_dense_load(q0, dense_w_ptr, perm_ptr, rows, mask_n, GD, stride_dwn, VALUE_DTYPE: tl.constexpr,
-                     BLOCK_Q: tl.constexpr, GATHER_X: tl.constexpr):
-    """Dense quads [q0, q0 + BLOCK_Q) of the program's ``rows`` of W ([1, BLOCK_N, 1]; ``dense_w_ptr``:
-    dense_weight as ``quad_words``) and the input quad of each (a dense group is four consecutive channels)."""
+def _gemv_dense_load(q0, dense_rows, perm_ptr, mask_n, GD, VALUE_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr,
+                     GATHER_X: tl.constexpr):
+    """Dense quads [q0, q0 + BLOCK_Q) of the program's rows of W (``dense_rows``: pointers to their starts in
+    dense_weight as ``quad_words``, [1, BLOCK_N, 1]) and the input quad of each (a dense group is four
+    consecutive channels)."""
     qq = q0 + tl.arange(0, BLOCK_Q)[None, None, :]
-    lo, hi = _load_quads(dense_w_ptr + rows * stride_dwn, qq, mask_n & (qq < GD), VALUE_DTYPE)
+    lo, hi = _load_quads(dense_rows, qq, mask_n & (qq < GD), VALUE_DTYPE)
     x_quads = (tl.load(perm_ptr + 4 * qq, mask=qq < GD, other=0) >> 2) if GATHER_X else qq
     return lo, hi, x_quads
 
@@ -354,13 +356,13 @@ def _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m, GD, VALUE_DTYPE:
 
 
 @triton.jit
-def _gemv_sparse_load(p0, sparse_w_ptr, meta_ptr, perm_ptr, rows, mask_n, KD, GP, stride_swn, stride_metan,
-                      VALUE_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, GATHER_X: tl.constexpr):
-    """2:4 group pairs [p0, p0 + BLOCK_P) of the program's ``rows`` ([1, BLOCK_N, 1]; ``_load_pair_words``)
-    and the input quad of each pair's two groups (a 2:4 group is four consecutive input channels)."""
+def _gemv_sparse_load(p0, word_rows, meta_rows, perm_ptr, mask_n, KD, GP, VALUE_DTYPE: tl.constexpr,
+                      BLOCK_P: tl.constexpr, GATHER_X: tl.constexpr):
+    """2:4 group pairs [p0, p0 + BLOCK_P) of the program's rows of W (their starts, [1, BLOCK_N, 1];
+    ``_load_pair_words``) and the input quad of each pair's two groups (a 2:4 group is four consecutive input
+    channels)."""
     pp = p0 + tl.arange(0, BLOCK_P)[None, None, :]
-    lo, hi, byte = _load_pair_words(sparse_w_ptr, meta_ptr, rows, pp, mask_n & (pp < GP), stride_swn, stride_metan,
-                                    VALUE_DTYPE)
+    lo, hi, byte = _load_pair_words(word_rows, meta_rows, pp, mask_n & (pp < GP), VALUE_DTYPE)
     if GATHER_X:
         quad_a = tl.load(perm_ptr + KD + 8 * pp, mask=pp < GP, other=0) >> 2
         quad_b = tl.load(perm_ptr + KD + 8 * pp + 4, mask=pp < GP, other=0) >> 2
@@ -389,7 +391,7 @@ def _spense_gemv_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
     VALUE_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, perm_ptr=None, GATHER_X: tl.constexpr = False,
-    w_scale_ptr=None,
+    w_scale_ptr=None, DENSE_ALIGN: tl.constexpr = 16, WORDS_ALIGN: tl.constexpr = 16, META_ALIGN: tl.constexpr = 16,
 ):
     """Decode (M <= BLOCK_M, a few rows): CUDA-core FMAs, no MMA and so no register-layout conversions.
 
@@ -400,7 +402,7 @@ def _spense_gemv_kernel(
     count words. ``VALUE_DTYPE`` / ``X_DTYPE`` say what the words hold. FP8 values are converted to fp32 as
     loaded (W8A16) and scaled once at the store. With ``GATHER_X`` the kernel reads ``x`` in its own channel
     order through ``perm_ptr`` (channel_perm; a group's four channels are one quad of x) instead of a
-    permuted copy.
+    permuted copy. The ``*_ALIGN`` are the row-stride hints of ``_spense_gemm_kernel``.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -411,7 +413,9 @@ def _spense_gemv_kernel(
     # Every tile is [BLOCK_M, BLOCK_N, columns] (x: [BLOCK_M, 1, columns], W: [1, BLOCK_N, columns]) from its
     # load on, so loads and FMAs share one register layout: with 2-D weight tiles against the 3-D partial
     # products, the compiler moved every step's weights through shared memory to change layout.
-    rows = offs_n[None, :, None]
+    dense_rows = dense_w_ptr + tl.multiple_of(offs_n * stride_dwn, DENSE_ALIGN)[None, :, None]
+    word_rows = sparse_w_ptr + tl.multiple_of(offs_n * stride_swn, WORDS_ALIGN)[None, :, None]
+    meta_rows = meta_ptr + tl.multiple_of(offs_n * stride_metan, META_ALIGN)[None, :, None]
     mask_n3 = mask_n[None, :, None]
     mask_m3 = mask_m[:, None, None]
     x_rows = x_ptr + offs_m[:, None, None] * stride_xm
@@ -423,23 +427,21 @@ def _spense_gemv_kernel(
     # measured faster than the loads inside the step, which Triton's pipeliner stages through shared memory.
     step = SPLIT_K * BLOCK_Q
     acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_Q), dtype=tl.float32)
-    lo, hi, x_quads = _gemv_dense_load(pid_k * BLOCK_Q, dense_w_ptr, perm_ptr, rows, mask_n3, GD, stride_dwn,
-                                       VALUE_DTYPE, BLOCK_Q, GATHER_X)
+    lo, hi, x_quads = _gemv_dense_load(pid_k * BLOCK_Q, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
+                                       GATHER_X)
     for q0 in range(pid_k * BLOCK_Q, GD, step):
         acc_d = _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m3, GD, VALUE_DTYPE, X_DTYPE, BLOCK_Q)
-        lo, hi, x_quads = _gemv_dense_load(q0 + step, dense_w_ptr, perm_ptr, rows, mask_n3, GD, stride_dwn,
-                                           VALUE_DTYPE, BLOCK_Q, GATHER_X)
+        lo, hi, x_quads = _gemv_dense_load(q0 + step, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
+                                           GATHER_X)
     step = SPLIT_K * BLOCK_P
     acc_s = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_P), dtype=tl.float32)
-    lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, sparse_w_ptr, meta_ptr, perm_ptr, rows,
-                                                     mask_n3, KD, GP, stride_swn, stride_metan, VALUE_DTYPE, BLOCK_P,
-                                                     GATHER_X)
+    lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, word_rows, meta_rows, perm_ptr, mask_n3, KD,
+                                                     GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
     for p0 in range(pid_k * BLOCK_P, GP, step):
         acc_s = _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m3, GP, VALUE_DTYPE, X_DTYPE,
                                  BLOCK_P)
-        lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(p0 + step, sparse_w_ptr, meta_ptr, perm_ptr, rows, mask_n3,
-                                                         KD, GP, stride_swn, stride_metan, VALUE_DTYPE, BLOCK_P,
-                                                         GATHER_X)
+        lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(p0 + step, word_rows, meta_rows, perm_ptr, mask_n3, KD, GP,
+                                                         VALUE_DTYPE, BLOCK_P, GATHER_X)
     acc = tl.sum(acc_d, axis=2) + tl.sum(acc_s, axis=2)
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
                   w_scale_ptr)
@@ -798,7 +800,9 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
             x_words.stride(0), dense_words.stride(0), values.stride(0), weight.sparse_meta.stride(0), acc.stride(0),
             HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles,
             VALUE_DTYPE=_TL_DTYPES[weight.dense_weight.dtype], X_DTYPE=_TL_DTYPES[x.dtype],
-            perm_ptr=weight.channel_perm, GATHER_X=gather, w_scale_ptr=weight.weight_scale)
+            perm_ptr=weight.channel_perm, GATHER_X=gather, w_scale_ptr=weight.weight_scale,
+            DENSE_ALIGN=_alignment(dense_words.stride(0)), WORDS_ALIGN=_alignment(values.stride(0)),
+            META_ALIGN=_alignment(weight.sparse_meta.stride(0)))
     else:
         _spense_gemm_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)](
             x_perm, weight.dense_weight, values, weight.sparse_meta, bias_arg, acc, m, n, kd, gs,
