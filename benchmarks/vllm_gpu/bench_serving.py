@@ -24,12 +24,14 @@ import time
 from vllm_spense.local_server import VllmServer, free_port
 
 
-def server_command(model: str, port: int, max_seqs: int) -> list[str]:
+def server_command(model: str, port: int, max_seqs: int, quantization: str | None = None) -> list[str]:
     sizes = sorted({1, 2, 4, 8, 16, 32, max_seqs})
+    extra = ["--quantization", quantization] if quantization else []
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name",
             "spense", "--host", "127.0.0.1", "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "4096",
             "--max-num-seqs", str(max_seqs), "--gpu-memory-utilization", "0.85", "--seed", "0",
-            "--no-enable-prefix-caching", "--compilation-config", json.dumps({"cudagraph_capture_sizes": sizes})]
+            "--no-enable-prefix-caching", "--compilation-config", json.dumps({"cudagraph_capture_sizes": sizes}),
+            *extra]
 
 
 async def stream_one(client, prompt: list[int], max_tokens: int) -> tuple[float, float, float, int]:
@@ -96,15 +98,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
-    for model in args.models:
-        name = pathlib.Path(model).name
+    for spec in args.models:  # a folder, or folder:method for vLLM's own --quantization (e.g. dense:fp8)
+        model, _, quantization = spec.partition(":")
+        name = pathlib.Path(model).name + (f"_{quantization}" if quantization else "")
         vocab = json.loads((pathlib.Path(model) / "config.json").read_text())["vocab_size"]
         log = pathlib.Path(args.logs) / f"vllm_{name}.log"
         port = free_port()
         start = time.perf_counter()
         print(f"{name}: starting vLLM", flush=True)
         try:
-            with VllmServer(None, log=log, command=server_command(model, port, max(args.batches)), port=port,
+            with VllmServer(None, log=log, command=server_command(model, port, max(args.batches), quantization or None), port=port,
                             env={"VLLM_USE_FLASHINFER_SAMPLER": "0"}) as _:
                 startup = time.perf_counter() - start
                 print(f"{name}: healthy after {startup:.0f} s", flush=True)
