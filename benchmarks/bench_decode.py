@@ -94,21 +94,19 @@ class DenseLinear(torch.nn.Module):
 
 class DenseFP8Linear(torch.nn.Module):
     """The FP8 baseline, as vLLM's FP8 Linear runs on Hopper: weights FP8 with per-output-channel scales,
-    activations quantized per token (one fused launch: the Spense kernels' own quantizer over the identity
-    permutation), ``torch._scaled_mm`` (cuBLASLt FP8). On the CPU, torch does the quantization."""
+    activations quantized per token (one fused launch: the Spense kernels' own quantizer, in x's order),
+    ``torch._scaled_mm`` (cuBLASLt FP8). On the CPU, torch does the quantization."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         scale = fp8_scales(weight)
         self.weight = torch.nn.Parameter(fp8_values(weight, scale), requires_grad=False)
         self.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
-        self.identity = torch.nn.Parameter(torch.arange(weight.shape[1], device=weight.device, dtype=torch.int32),
-                                           requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if x2.is_cuda:
-            xq, x_scale = quantize_rows_fp8(x2, self.identity, x2.shape[0])
+            xq, x_scale = quantize_rows_fp8(x2, None, x2.shape[0])
         else:
             x_scale = fp8_scales(x2)
             xq = fp8_values(x2, x_scale)

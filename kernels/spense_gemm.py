@@ -25,14 +25,14 @@ MMA: by byte permutes on NVIDIA GPUs (``_expand_pairs_by_permutes``, inline PTX)
 tile are neighbours in the grid, so they share its weights through L2. With ``SPLIT_K > 1`` programs split
 both walks and add partial sums into an fp32 buffer with atomics.
 
-M > ``MMA_MAX_M`` (batched decode and prefill): cuBLAS multiplies the permuted activations' dense columns
-by ``dense_weight`` as stored, then ``_spense_expand_kernel`` writes the 2:4 region as a dense
-``[N, 4 * GS]`` temporary (contiguous reads and writes) and a second cuBLAS call adds its product.
+M > ``MMA_MAX_M`` (batched decode and prefill): ``_spense_expand_kernel`` writes all of W as a dense
+``[N, K]`` temporary in x's own channel order (contiguous writes; each group read from its packed place)
+and one cuBLAS GEMM multiplies x as it comes; the temporary is freed.
 
 FP8 values (``weight_scale [N]`` float32 beside them) take the same paths: decoded in registers and
 converted to x's dtype (W8A16) at decode, the per-channel scale applied once at the store; at prefill the
 expansion writes all of W as FP8 bytes and ``torch._scaled_mm`` multiplies it with x quantized per row
-(W8A8, ``_quantize_rows_kernel``). ``KernelConfig.quantize_x`` switches an MMA or prefill config between
+(W8A8, ``_quantize_rows_kernel``; at decode through ``channel_perm``, at prefill in x's order). ``KernelConfig.quantize_x`` switches an MMA or prefill config between
 the two.
 
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
@@ -448,44 +448,55 @@ def _spense_gemv_kernel(
 
 
 @triton.jit
+def _group_positions_kernel(perm_ptr, pos_ptr, G, BLOCK: tl.constexpr):
+    """The inverse of the group order of ``channel_perm``: ``pos[g]`` = the place of x's group g (channels
+    4g .. 4g + 3) among the packed groups (the dense ones, then the 2:4 ones)."""
+    places = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = places < G
+    tl.store(pos_ptr + (tl.load(perm_ptr + 4 * places, mask=mask, other=0) >> 2), places, mask=mask)
+
+
+@triton.jit
 def _spense_expand_kernel(
-    dense_w_ptr, sparse_w_ptr, meta_ptr, w_scale_ptr, out_ptr,
+    dense_w_ptr, sparse_w_ptr, meta_ptr, pos_ptr, w_scale_ptr, out_ptr,
     N, KD, GS,
     stride_dwn, stride_swn, stride_metan, stride_on,
-    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, VALUE_DTYPE: tl.constexpr, WITH_DENSE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, VALUE_DTYPE: tl.constexpr,
 ):
-    """W as a dense matrix in the permuted channel order (the columns ``x[:, channel_perm]`` meets) for the
-    prefill path, zeros at the pruned positions; contiguous reads and writes.
+    """All of W as a dense matrix in x's own channel order, zeros at the pruned positions, for the prefill
+    path: cuBLAS then multiplies x as it comes, with no permuted copy of x and one GEMM.
 
-    16/32-bit values: only the 2:4 region (``[N, 4 * GS]``); cuBLAS reads the dense region as stored.
-    FP8 (``WITH_DENSE``, values as int8 bytes): the dense region's KD columns first, then the 2:4 region,
-    ``[N, KD + 4 * GS]``: FP8 bytes for ``torch._scaled_mm`` or, with ``w_scale_ptr``, dequantized values.
+    Programs walk x's groups and write contiguous tiles; each group's values are read from its place in
+    the packed order (``pos_ptr``, ``_group_positions_kernel``). Both regions keep their groups in ascending
+    channel order, so a tile's reads stay close together. (Walking the packed order and scattering the
+    writes instead, 2 bytes a store, made the prefill path 1.3-6x slower.) FP8 values travel as int8 bytes: they are
+    written as FP8 bytes (for ``torch._scaled_mm``) or, with ``w_scale_ptr``, dequantized.
     """
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    cols = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)
-    gg = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)  # groups of the output; past the dense ones with WITH_DENSE
-    if WITH_DENSE:
-        gg -= KD // 4
-    in_2_4 = (gg >= 0) & (gg < GS)
-    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, tl.maximum(gg, 0),
+    G = KD // 4 + GS
+    gg = pid_g * BLOCK_G + tl.arange(0, BLOCK_G)  # x's groups
+    cols = pid_g * 4 * BLOCK_G + tl.arange(0, 4 * BLOCK_G)  # x's channels
+    sg = tl.load(pos_ptr + gg, mask=gg < G, other=0) - KD // 4  # 2:4 group index (negative: dense)
+    in_2_4 = (gg < G) & (sg >= 0)
+    first, second, i0, i1 = _load_2_4_tile(sparse_w_ptr, meta_ptr, offs_n, tl.maximum(sg, 0),
                                            mask_n[:, None] & in_2_4[None, :], stride_swn, stride_metan, VALUE_DTYPE)
     w0, w1, w2, w3 = _expand_group(first, second, i0, i1)
     # join(join(w0, w2), join(w1, w3))[n, g, a, b] holds position 2a + b: reshaped, positions 0..3 in order.
     tile = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), (BLOCK_N, 4 * BLOCK_G))
-    width = 4 * GS
-    if WITH_DENSE:
-        dense = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + cols[None, :],
-                        mask=mask_n[:, None] & (cols < KD)[None, :], other=0)
-        tile = tl.where((cols < KD)[None, :], dense, tile)
-        width += KD
+    in_w = cols < 4 * G
+    dense_cols = 4 * tl.load(pos_ptr + cols // 4, mask=in_w, other=0) + cols % 4  # dense where < KD
+    in_dense = in_w & (dense_cols < KD)
+    dense = tl.load(dense_w_ptr + offs_n[:, None] * stride_dwn + dense_cols[None, :],
+                    mask=mask_n[:, None] & in_dense[None, :], other=0)
+    tile = tl.where(in_dense[None, :], dense, tile)
     if w_scale_ptr is not None:  # FP8 bytes -> dequantized values
         tile = tile.to(tl.float8e4nv, bitcast=True).to(tl.float32) * tl.load(
             w_scale_ptr + offs_n, mask=mask_n, other=1.0)[:, None]
     tl.store(out_ptr + offs_n[:, None] * stride_on + cols[None, :], tile.to(out_ptr.dtype.element_ty),
-             mask=mask_n[:, None] & (cols < width)[None, :])
+             mask=mask_n[:, None] & in_w[None, :])
 
 
 @triton.jit
@@ -516,20 +527,21 @@ def _permute_quads_kernel(x_ptr, perm_ptr, out_ptr, Q, stride_xm, stride_om, WOR
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, perm_ptr, out_ptr, scale_ptr, K, stride_xm, stride_om, BLOCK_K: tl.constexpr):
-    """One row of x per program, read through ``channel_perm``: its scale (largest magnitude / 448, as
-    ``format.fp8_scales``) and its values over that scale, rounded to float8_e4m3fn (W8A8)."""
+    """One row of x per program, read through ``channel_perm`` (or in its own order, ``perm_ptr`` None): its
+    scale (largest magnitude / 448, as ``format.fp8_scales``) and its values over that scale, rounded to
+    float8_e4m3fn (W8A8)."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs
-        cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
+        cols = tl.load(perm_ptr + kk, mask=kk < K, other=0) if perm_ptr is not None else kk
         amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + row * stride_xm + cols, mask=kk < K, other=0.0).to(tl.float32)))
     scale = tl.maximum(tl.max(amax, axis=0) / 448.0, 1.1754943508222875e-38)
     tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs
-        cols = tl.load(perm_ptr + kk, mask=kk < K, other=0)
+        cols = tl.load(perm_ptr + kk, mask=kk < K, other=0) if perm_ptr is not None else kk
         x = tl.load(x_ptr + row * stride_xm + cols, mask=kk < K, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_om + kk, _round_to_e4m3(tl.clamp(x / scale, -448.0, 448.0)).to(tl.float8e4nv),
                  mask=kk < K)
@@ -603,7 +615,7 @@ DECODE_GEMV = KernelConfig(1, 4, 256, 256, 1, 4, 3, "gemv", gather_x=True)
 # wins beyond (docs/measurements/crossover_h100_v2.json).
 MMA_MAX_M = 64
 BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
-# Prefill: the dense region straight to cuBLAS, the 2:4 region expanded in block_n x block_g tiles, then cuBLAS.
+# Prefill: all of W expanded in x's channel order in block_n x block_g-group tiles, then one cuBLAS GEMM.
 UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
 # FP8 prefill: x quantized per row, all of W expanded to FP8 bytes, torch._scaled_mm (cuBLASLt FP8), which
 # needs N and K in multiples of 16; other shapes dequantize W and use cuBLAS in x's dtype (UNPACK_AND_CUBLAS).
@@ -673,35 +685,23 @@ def _alignment(stride: int) -> int:
     return min(16, stride & -stride) if stride > 0 else 16
 
 
-def _expand(weight: SpenseGemmWeight, out: torch.Tensor, block_n: int, block_g: int, with_dense: bool,
-            scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Launch ``_spense_expand_kernel`` into ``out``; FP8 values travel as their int8 bytes."""
+def expand_weight(weight: SpenseGemmWeight, dtype: torch.dtype, block_n: int = 32, block_g: int = 64) -> torch.Tensor:
+    """All of W as a dense ``[N, K]`` temporary in x's own channel order (``_spense_expand_kernel``), never kept:
+    16/32-bit values as stored (``dtype`` is theirs); FP8 values as FP8 (``dtype`` float8_e4m3fn, for
+    ``torch._scaled_mm``) or dequantized to ``dtype``."""
     kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
-    groups = gs + (kd // GROUP_SIZE if with_dense else 0)
-    dense = weight.dense_weight.view(torch.int8) if weight.is_fp8 else weight.dense_weight
-    target = out.view(torch.int8) if out.dtype == torch.float8_e4m3fn else out
-    _spense_expand_kernel[(triton.cdiv(weight.n, block_n), triton.cdiv(groups, block_g))](
-        dense, weight.group_words, weight.sparse_meta, scale, target, weight.n, kd, gs,
-        dense.stride(0), weight.group_words.stride(0), weight.sparse_meta.stride(0), target.stride(0),
-        BLOCK_N=block_n, BLOCK_G=block_g, VALUE_DTYPE=tl.int8 if weight.is_fp8 else _TL_DTYPES[out.dtype],
-        WITH_DENSE=with_dense)
-    return out
-
-
-def expand_2_4(weight: SpenseGemmWeight, block_n: int = 32, block_g: int = 64) -> torch.Tensor:
-    """The 2:4 region of a 16/32-bit weight as a dense ``[N, 4 * GS]`` temporary (permuted channel order),
-    never kept."""
-    gs = weight.sparse_channels.numel() // GROUP_SIZE
-    out = torch.empty(weight.n, 4 * gs, device=weight.sparse_weight.device, dtype=weight.sparse_weight.dtype)
-    return _expand(weight, out, block_n, block_g, with_dense=False)
-
-
-def expand_fp8(weight: SpenseGemmWeight, dtype: torch.dtype, block_n: int = 32, block_g: int = 64) -> torch.Tensor:
-    """All of an FP8 weight as a dense ``[N, K]`` temporary in the permuted channel order: its FP8 values
-    (``dtype`` float8_e4m3fn, for ``torch._scaled_mm``) or dequantized to ``dtype``."""
     out = torch.empty(weight.n, weight.k, device=weight.sparse_weight.device, dtype=dtype)
-    scale = None if dtype == torch.float8_e4m3fn else weight.weight_scale
-    return _expand(weight, out, block_n, block_g, with_dense=True, scale=scale)
+    dense = weight.dense_weight.view(torch.int8) if weight.is_fp8 else weight.dense_weight
+    target = out.view(torch.int8) if dtype == torch.float8_e4m3fn else out
+    scale = weight.weight_scale if weight.is_fp8 and dtype != torch.float8_e4m3fn else None
+    groups = weight.k // GROUP_SIZE
+    positions = torch.empty(groups, device=out.device, dtype=torch.int32)
+    _group_positions_kernel[(triton.cdiv(groups, 1024),)](weight.channel_perm, positions, groups, BLOCK=1024)
+    _spense_expand_kernel[(triton.cdiv(weight.n, block_n), triton.cdiv(groups, block_g))](
+        dense, weight.group_words, weight.sparse_meta, positions, scale, target, weight.n, kd, gs,
+        dense.stride(0), weight.group_words.stride(0), weight.sparse_meta.stride(0), target.stride(0),
+        BLOCK_N=block_n, BLOCK_G=block_g, VALUE_DTYPE=tl.int8 if weight.is_fp8 else _TL_DTYPES[dtype])
+    return out
 
 
 def _row_buffer(rows: int, m: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -728,9 +728,9 @@ def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> t
     return permuted
 
 
-def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x[:, channel_perm]`` quantized per row to float8_e4m3fn, in a buffer of ``rows >= M`` rows (the
-    padding rows are left unset), and the per-row scales ``[rows]`` float32."""
+def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x[:, channel_perm]`` (``x`` itself for None) quantized per row to float8_e4m3fn, in a buffer of
+    ``rows >= M`` rows (the padding rows are left unset), and the per-row scales ``[rows]`` float32."""
     m, k = x.shape
     quantized = _row_buffer(rows, m, k, torch.float8_e4m3fn, x.device)
     scale = torch.empty(rows, device=x.device, dtype=torch.float32)
@@ -741,20 +741,17 @@ def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) ->
     return quantized, scale
 
 
-def _prefill(x_perm: torch.Tensor, x_scale: torch.Tensor | None, weight: SpenseGemmWeight,
-             bias: torch.Tensor | None, config: KernelConfig, out_dtype: torch.dtype) -> torch.Tensor:
-    """cuBLAS on the weight expanded in the permuted channel order (only the 2:4 region of 16/32-bit
-    weights: the dense region is read as stored)."""
-    if not weight.is_fp8:
-        kd = weight.dense_channels.numel()
-        y = torch.nn.functional.linear(x_perm[:, :kd], weight.dense_weight, bias)
-        return torch.addmm(y, x_perm[:, kd:], expand_2_4(weight, config.block_n, config.block_g).t())
-    if x_scale is None:  # W8A16
-        return torch.nn.functional.linear(x_perm, expand_fp8(weight, out_dtype, config.block_n, config.block_g), bias)
-    w_fp8 = expand_fp8(weight, torch.float8_e4m3fn, config.block_n, config.block_g)
-    y = torch._scaled_mm(x_perm, w_fp8.t(), scale_a=x_scale[:, None], scale_b=weight.weight_scale[None, :],
-                         out_dtype=out_dtype)
-    return y if bias is None else y.add_(bias)
+def _prefill(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None,
+             config: KernelConfig) -> torch.Tensor:
+    """One cuBLAS GEMM on all of W expanded in x's channel order (``expand_weight``): FP8 x FP8 with x
+    quantized per row (W8A8, ``config.quantize_x``), else in x's dtype."""
+    if weight.is_fp8 and config.quantize_x:
+        x_fp8, x_scale = quantize_rows_fp8(x, None, x.shape[0])
+        w_fp8 = expand_weight(weight, torch.float8_e4m3fn, config.block_n, config.block_g)
+        y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_scale[:, None], scale_b=weight.weight_scale[None, :],
+                             out_dtype=x.dtype)
+        return y if bias is None else y.add_(bias)
+    return torch.nn.functional.linear(x, expand_weight(weight, x.dtype, config.block_n, config.block_g), bias)
 
 
 def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None = None,
@@ -768,6 +765,9 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     w8a8 = weight.is_fp8 and config.quantize_x
     if w8a8 and config.kernel == "gemv":
         raise ValueError("spense_gemm: quantize_x (W8A8) needs the mma or unpack kernel, not gemv")
+    if config.kernel == "unpack" and m > 0:  # prefill: cuBLAS allocates its own output; copy only into ``out``
+        y = _prefill(x.contiguous(), weight, bias, config)
+        return y if out is None else out.copy_(y)
     result = out if out is not None else torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return result
@@ -782,9 +782,6 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         x_perm, x_scale = quantize_rows_fp8(x, weight.channel_perm, rows)
     else:
         x_perm = permute_columns(x, weight.channel_perm, rows)
-    if config.kernel == "unpack":  # prefill: cuBLAS allocates its own output; copy only into a given ``out``
-        y = _prefill(x_perm, x_scale, weight, bias, config, x.dtype)
-        return y if out is None else out.copy_(y)
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
     n, kd, gs = weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE

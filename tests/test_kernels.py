@@ -15,7 +15,7 @@ from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import fp8_round, fp8_scales, pack
 from vllm_spense.kernels.spense_gemm import (_EXPAND_PAIR_PTX, BATCHED_DECODE_MMA, DECODE_GEMV, FP8_PREFILL,
                                              MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
-                                             choose_config, expand_2_4, expand_fp8, permute_columns, spense_gemm)
+                                             choose_config, expand_weight, permute_columns, spense_gemm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
@@ -152,11 +152,11 @@ def test_byte_permute_expansion_places_every_kept_value(generator):
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_expanded_2_4_region_is_the_weight_at_its_2_4_channels(shape, generator):
+def test_expanded_weight_is_the_weight_in_x_channel_order(shape, generator):
     """The prefill path's temporary, against the weight it was packed from (exact: values are only moved)."""
     weight, gemm_weight = make_weight(shape, torch.float16, generator)
-    expanded = expand_2_4(gemm_weight, block_n=16, block_g=8)  # ragged against N and the group count
-    assert torch.equal(expanded.cpu(), weight[:, gemm_weight.sparse_channels.long().cpu()])
+    expanded = expand_weight(gemm_weight, torch.float16, block_n=16, block_g=8)  # ragged against N and groups
+    assert torch.equal(expanded.cpu(), weight)
 
 
 def test_dispatch_by_m_picks_decode_and_prefill_tiles():
@@ -233,13 +233,12 @@ def test_fp8_gemm_matches_fp64(dtype, shape, m, path):
     assert error < (2e-3 if dtype == torch.float16 or used.quantize_x else 1e-5), f"relative error {error:.2e}"
 
 
-def test_fp8_expansion_is_the_weight_in_permuted_order(generator):
+def test_fp8_expansion_is_the_weight_in_x_channel_order(generator):
     """The FP8 prefill temporaries: exact FP8 bytes, and the dequantized weight in fp32."""
     weight, gemm_weight = make_fp8_weight((37, 384, 128, 16), generator)
-    perm = gemm_weight.channel_perm.long().cpu()
-    as_fp8 = expand_fp8(gemm_weight, torch.float8_e4m3fn, block_n=16, block_g=8).cpu()
-    assert torch.equal(as_fp8.float() * gemm_weight.weight_scale.cpu()[:, None], weight[:, perm])
-    assert torch.equal(expand_fp8(gemm_weight, torch.float32, block_n=16, block_g=8).cpu(), weight[:, perm])
+    as_fp8 = expand_weight(gemm_weight, torch.float8_e4m3fn, block_n=16, block_g=8).cpu()
+    assert torch.equal(as_fp8.float() * gemm_weight.weight_scale.cpu()[:, None], weight)
+    assert torch.equal(expand_weight(gemm_weight, torch.float32, block_n=16, block_g=8).cpu(), weight)
 
 
 def test_fp8_dispatch_quantizes_x_only_at_prefill_on_cublaslt_shapes():
