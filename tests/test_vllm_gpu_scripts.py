@@ -12,7 +12,8 @@ import torch
 from vllm_spense.checkpoint import check_checkpoint_headers, dense_state_dict, read_config, read_tensors
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "vllm_gpu"))
-import make_checkpoints  # noqa: E402  (a script folder, not a package)
+import bench_serving  # noqa: E402  (a script folder, not a package)
+import make_checkpoints  # noqa: E402
 from bench_decode import TINY  # noqa: E402  (make_checkpoints put benchmarks/ on the path)
 
 
@@ -49,3 +50,16 @@ def test_dense_and_spense_checkpoints_agree(tmp_path, tiny_model_dir):
             assert torch.equal(fp8_unpacked[name] != 0, (weight != 0) & (fp8_unpacked[name] != 0)), name
             error = (fp8_unpacked[name].float() - weight.float()).norm() / weight.float().norm()
             assert 0 < error < 0.05, name  # FP8 rounding: about 2^-5 relative
+
+
+def test_serving_benchmark_passes_vllms_own_quantization_only_when_asked():
+    """``folder:method`` serves the folder with vLLM's ``--quantization method`` (the dense FP8 baseline), filed
+    under its own name; a plain folder gets no flag (vLLM reads a Spense checkpoint's method from its config)."""
+    folder, method, name = bench_serving.model_spec("/tmp/vm/dense:fp8")
+    assert (folder, method, name) == ("/tmp/vm/dense", "fp8", "dense_fp8")
+    command = bench_serving.server_command(folder, 8123, 32, method)
+    assert command[command.index("--quantization") + 1] == "fp8"
+    assert command[command.index("--model") + 1] == "/tmp/vm/dense"
+    folder, method, name = bench_serving.model_spec("/tmp/vm/spense")
+    assert (method, name) == (None, "spense")
+    assert "--quantization" not in bench_serving.server_command(folder, 8123, 32, method)

@@ -1,6 +1,7 @@
 """Decode and prefill speed of real ``vllm serve`` on the GPU: dense vs Spense checkpoints, one call.
 
     python benchmarks/vllm_gpu/bench_serving.py --models /tmp/vm/dense /tmp/vm/spense --json out.json
+    python benchmarks/vllm_gpu/bench_serving.py --models /tmp/vm/dense:fp8 --json out.json   # vLLM's own FP8
 
 For each checkpoint: start vLLM's OpenAI server (CUDA graphs and torch.compile as vLLM does by default;
 the plugin is found through its entry point, the Spense method through config.json), then with an
@@ -32,6 +33,13 @@ def server_command(model: str, port: int, max_seqs: int, quantization: str | Non
             "--max-num-seqs", str(max_seqs), "--gpu-memory-utilization", "0.85", "--seed", "0",
             "--no-enable-prefix-caching", "--compilation-config", json.dumps({"cudagraph_capture_sizes": sizes}),
             *extra]
+
+
+def model_spec(spec: str) -> tuple[str, str | None, str]:
+    """``folder`` or ``folder:method`` (vLLM's own ``--quantization``, e.g. ``dense:fp8``): (folder, method or
+    None, the name results are filed under)."""
+    folder, _, quantization = spec.partition(":")
+    return folder, quantization or None, pathlib.Path(folder).name + (f"_{quantization}" if quantization else "")
 
 
 async def stream_one(client, prompt: list[int], max_tokens: int) -> tuple[float, float, float, int]:
@@ -98,17 +106,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
-    for spec in args.models:  # a folder, or folder:method for vLLM's own --quantization (e.g. dense:fp8)
-        model, _, quantization = spec.partition(":")
-        name = pathlib.Path(model).name + (f"_{quantization}" if quantization else "")
+    for spec in args.models:
+        model, quantization, name = model_spec(spec)
         vocab = json.loads((pathlib.Path(model) / "config.json").read_text())["vocab_size"]
         log = pathlib.Path(args.logs) / f"vllm_{name}.log"
         port = free_port()
         start = time.perf_counter()
         print(f"{name}: starting vLLM", flush=True)
         try:
-            with VllmServer(None, log=log, command=server_command(model, port, max(args.batches), quantization or None), port=port,
-                            env={"VLLM_USE_FLASHINFER_SAMPLER": "0"}) as _:
+            command = server_command(model, port, max(args.batches), quantization)
+            with VllmServer(None, log=log, command=command, port=port, env={"VLLM_USE_FLASHINFER_SAMPLER": "0"}) as _:
                 startup = time.perf_counter() - start
                 print(f"{name}: healthy after {startup:.0f} s", flush=True)
                 measured = asyncio.run(measure(f"http://127.0.0.1:{port}", vocab, args))
