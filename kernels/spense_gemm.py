@@ -32,8 +32,8 @@ and one cuBLAS GEMM multiplies x as it comes; the temporary is freed.
 FP8 values (``weight_scale [N]`` float32 beside them) take the same paths: decoded in registers and
 converted to x's dtype (W8A16) at decode, the per-channel scale applied once at the store; at prefill the
 expansion writes all of W as FP8 bytes and ``torch._scaled_mm`` multiplies it with x quantized per row
-(W8A8, ``_quantize_rows_kernel``; at decode through ``channel_perm``, at prefill in x's order). ``KernelConfig.quantize_x`` switches an MMA or prefill config between
-the two.
+(W8A8, ``_quantize_rows_kernel``; at decode through ``channel_perm``, at prefill in x's order).
+``KernelConfig.quantize_x`` switches an MMA or prefill config between the two.
 
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
 bound by the weight bytes read (0.67x dense at rho = 0.25), which is where a speedup has to come from.
@@ -469,8 +469,8 @@ def _spense_expand_kernel(
     Programs walk x's groups and write contiguous tiles; each group's values are read from its place in
     the packed order (``pos_ptr``, ``_group_positions_kernel``). Both regions keep their groups in ascending
     channel order, so a tile's reads stay close together. (Walking the packed order and scattering the
-    writes instead, 2 bytes a store, made the prefill path 1.3-6x slower.) FP8 values travel as int8 bytes: they are
-    written as FP8 bytes (for ``torch._scaled_mm``) or, with ``w_scale_ptr``, dequantized.
+    writes instead, 2 bytes a store, made the prefill path 1.3-6x slower.) FP8 values travel as int8 bytes:
+    they are written as FP8 bytes (for ``torch._scaled_mm``) or, with ``w_scale_ptr``, dequantized.
     """
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -728,7 +728,8 @@ def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> t
     return permuted
 
 
-def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor | None, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor | None,
+                     rows: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x[:, channel_perm]`` (``x`` itself for None) quantized per row to float8_e4m3fn, in a buffer of
     ``rows >= M`` rows (the padding rows are left unset), and the per-row scales ``[rows]`` float32."""
     m, k = x.shape
