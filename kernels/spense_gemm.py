@@ -611,8 +611,9 @@ class KernelConfig:
 # Decode, one row: the CUDA-core kernel, 4 rows x (256 dense columns, 256 2:4 groups) per step, x read
 # through channel_perm in the kernel (no permuted copy); the best tiles of sweep_gemv_quads_h100.json.
 DECODE_GEMV = KernelConfig(1, 4, 256, 256, 1, 4, 3, "gemv", gather_x=True)
-# Batched decode: the fused MMA kernel with 16-row tiles of x; cuBLAS + 2:4 expansion ties it at 96 rows and
-# wins beyond (docs/measurements/crossover_h100_v2.json).
+# Batched decode: the fused MMA kernel with 16-row tiles of x; the previous expansion + cuBLAS path (two GEMMs)
+# tied it at 96 rows and won beyond (docs/measurements/crossover_h100_v2.json). The one-GEMM path since is 1-16%
+# slower than that one at 128 rows (ab_prefill_h100.json); the crossover was not measured again.
 MMA_MAX_M = 64
 BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
 # Prefill: all of W expanded in x's channel order in block_n x block_g-group tiles, then one cuBLAS GEMM.
@@ -624,7 +625,7 @@ FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
 
 def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False) -> KernelConfig:
     """Kernel and tiles by M (K and the device do not change the choice today): the gemv kernel for one
-    row, the fused MMA kernel up to ``MMA_MAX_M`` rows, cuBLAS + 2:4 expansion beyond. FP8 weights are
+    row, the fused MMA kernel up to ``MMA_MAX_M`` rows, W expanded + one cuBLAS GEMM beyond. FP8 weights are
     multiplied in x's dtype (W8A16) at decode and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
     if m == 1:
         return DECODE_GEMV
