@@ -113,11 +113,7 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_K
         rows = triton.next_power_of_2(m)
         configs = {
             "mma": [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8)
-                    for block_n, (kd, g), split_k, w8a8 in itertools.product((16, 32, 64), steps, (1, 2, 4), modes)]
-            # x read through channel_perm in the kernel: its loads depend on the loads of channel_perm, and
-            # Triton's pipeliner then keeps num_stages - 3 steps in flight instead of num_stages - 1.
-            + [KernelConfig(16, block_n, kd, g, split_k, 4, stages, gather_x=True)
-               for block_n, (kd, g), split_k, stages in itertools.product((32, 64), steps, (1, 2), (5, 6))],
+                    for block_n, (kd, g), split_k, w8a8 in itertools.product((16, 32, 64), steps, (1, 2, 4), modes)],
             # gemv: steps where the [rows, block_n, kd] fp32 partial-product tile stays within 8192 values
             # (64 registers a thread at 4 warps).
             "gemv": [KernelConfig(rows, block_n, kd, kd // 2, 1, warps, 3, "gemv", gather_x=True)

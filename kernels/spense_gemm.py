@@ -96,19 +96,6 @@ def _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
 
 
 @triton.jit
-def _load_x_tile(x_rows, perm_ptr, cols, mask_m, mask_k, PADDED_M: tl.constexpr):
-    """Columns ``cols`` (positions in channel_perm's order) of x's rows. With ``perm_ptr`` x is in its own
-    order and each column is read at ``channel_perm[col]``: a group's four channels are consecutive and start
-    on a multiple of four, which the hints tell the compiler so each group is one 4-value load; the rows
-    were clamped to M, so only the columns are masked. Without it x is already permuted."""
-    if perm_ptr is not None:
-        channels = tl.load(perm_ptr + cols, mask=mask_k, other=0)
-        channels = tl.max_contiguous(tl.multiple_of(channels, 4), 4)
-        return tl.load(x_rows + channels[None, :], mask=mask_k[None, :], other=0.0)
-    return tl.load(x_rows + cols[None, :], mask=(mask_m[:, None] | PADDED_M) & mask_k[None, :], other=0.0)
-
-
-@triton.jit
 def _spense_gemm_kernel(
     # pointers
     x_ptr, dense_w_ptr, sparse_w_ptr, meta_ptr, bias_ptr, out_ptr,
@@ -121,11 +108,8 @@ def _spense_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
     PADDED_M: tl.constexpr = False, w_scale_ptr=None, x_scale_ptr=None, BYTE_PERMUTES: tl.constexpr = False,
     DENSE_ALIGN: tl.constexpr = 16, WORDS_ALIGN: tl.constexpr = 16, META_ALIGN: tl.constexpr = 16,
-    perm_ptr=None,
 ):
-    """With ``perm_ptr`` (``channel_perm``) x is read in its own channel order through it, four consecutive
-    channels (one group) per load, and rows past M repeat row M - 1 (never stored), so no permuted copy of x
-    is made; without it x is the permuted copy. With ``BYTE_PERMUTES`` (NVIDIA GPUs) 16-bit 2:4 values are expanded by ``_expand_pairs_by_permutes``.
+    """With ``BYTE_PERMUTES`` (NVIDIA GPUs) 16-bit 2:4 values are expanded by ``_expand_pairs_by_permutes``.
     FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
     quantized per row to FP8 (``x_scale_ptr`` set), multiplied as FP8 on the tensor cores (W8A8); the
     scales multiply the accumulator once, at the store."""
@@ -136,7 +120,6 @@ def _spense_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    x_rows = x_ptr + (tl.minimum(offs_m, M - 1) if perm_ptr is not None else offs_m)[:, None] * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Offsets of W's rows in its three tensors. Triton specialises a stride on being a multiple of 16 only;
     # the ``*_ALIGN`` say what power of two (up to 16) each stride is a multiple of (``_alignment``), so the
@@ -151,7 +134,8 @@ def _spense_gemm_kernel(
     for k0 in range(pid_k * BLOCK_KD, KD, SPLIT_K * BLOCK_KD):
         kk = k0 + offs_kd
         mask_k = kk < KD
-        x = _load_x_tile(x_rows, perm_ptr, kk, mask_m, mask_k, PADDED_M)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + kk[None, :],
+                    mask=(mask_m[:, None] | PADDED_M) & mask_k[None, :], other=0.0)
         w = tl.load(dense_w_ptr + dense_rows + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(x_ptr.dtype.element_ty)
         if FP32_DOT:
@@ -179,7 +163,8 @@ def _spense_gemm_kernel(
         else:
             w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, x_ptr.dtype.element_ty))
         cols = KD + 8 * p0 + offs_c
-        x = _load_x_tile(x_rows, perm_ptr, cols, mask_m, cols < KD + 4 * GS, PADDED_M)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                    mask=(mask_m[:, None] | PADDED_M) & (cols < KD + 4 * GS)[None, :], other=0.0)
         if FP32_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
@@ -618,8 +603,8 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     kernel: str = "mma"  # "gemv" (CUDA-core FMAs, tiny M), "mma" (fused tl.dot) or "unpack" (+ cuBLAS)
-    gather_x: bool = False  # gemv, mma (not W8A8): read x through channel_perm in the kernel, no permuted copy
-    pad_rows: bool = True  # mma without gather_x: pad the permuted x to whole BLOCK_M-row tiles, no row masks
+    gather_x: bool = False  # gemv only: read x through channel_perm in the kernel instead of a permuted copy
+    pad_rows: bool = True  # mma only: pad the permuted x to whole BLOCK_M-row tiles, read without row masks
     quantize_x: bool = False  # FP8 weights, mma/unpack only: x quantized per row to FP8 too (W8A8), not W8A16
 
 
@@ -788,10 +773,9 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     result = out if out is not None else torch.empty(m, weight.n, device=x.device, dtype=x.dtype)
     if m == 0:
         return result
-    gather = config.gather_x and not w8a8
+    gather = config.kernel == "gemv" and config.gather_x
     # The MMA kernel reads whole BLOCK_M-row tiles of x unmasked when the permuted copy is padded to them.
-    padding = config.kernel == "mma" and config.pad_rows and not gather
-    rows = triton.cdiv(m, config.block_m) * config.block_m if padding else m
+    rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
     padded = rows != m
     x_scale = None
     if gather:
@@ -824,7 +808,6 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
             x_perm.stride(0), weight.dense_weight.stride(0), values.stride(0), weight.sparse_meta.stride(0),
             acc.stride(0), HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
             FP32_DOT=x_perm.dtype == torch.float32, **tiles, PADDED_M=padded,
-            perm_ptr=weight.channel_perm if gather else None,
             w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale, BYTE_PERMUTES=x.is_cuda and torch.version.hip is None,
             DENSE_ALIGN=_alignment(weight.dense_weight.stride(0)), WORDS_ALIGN=_alignment(values.stride(0)),
             META_ALIGN=_alignment(weight.sparse_meta.stride(0)))

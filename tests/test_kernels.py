@@ -25,8 +25,6 @@ CONFIGS = {
     "decode split-k": KernelConfig(16, 64, 64, 16, 3, 4, 2),
     "mid": KernelConfig(64, 128, 64, 16, 1, 4, 2),
     "decode unpadded": KernelConfig(16, 32, 64, 16, 1, 4, 2, pad_rows=False),
-    "decode gather": KernelConfig(16, 32, 64, 16, 1, 4, 2, gather_x=True),
-    "decode gather split-k": KernelConfig(16, 64, 64, 16, 3, 4, 2, gather_x=True),
     "gemv": KernelConfig(4, 32, 32, 16, 1, 4, 1, "gemv"),
     "gemv split-k": KernelConfig(4, 16, 16, 8, 3, 4, 1, "gemv"),
     "gemv gather": KernelConfig(4, 8, 32, 16, 2, 4, 1, "gemv", gather_x=True),
@@ -64,7 +62,7 @@ def test_gemm_matches_fp64(dtype, shape, m, path):
     assert error < (2e-3 if dtype == torch.float16 else 1e-5), f"relative error {error:.2e}"
 
 
-@pytest.mark.parametrize("path", ["gemv", "gemv gather", "decode", "decode gather", "prefill (unpack + GEMM)"])
+@pytest.mark.parametrize("path", ["gemv", "gemv gather", "decode", "prefill (unpack + GEMM)"])
 def test_x_that_starts_off_a_word_boundary(path, generator):
     """Every path reads x four channels per 8-byte word (the gemv directly, the others when permuting it);
     an x that is a view starting 2 bytes into a buffer (as a slice of a larger activation buffer can) must
@@ -189,7 +187,6 @@ FP8_CONFIGS = {
     "gemv": KernelConfig(4, 8, 32, 16, 2, 4, 1, "gemv", gather_x=True),
     "mma W8A16": KernelConfig(16, 32, 64, 16, 1, 4, 2),
     "mma W8A16 split-k": KernelConfig(16, 32, 32, 16, 3, 4, 2, pad_rows=False),
-    "mma W8A16 gather": KernelConfig(16, 32, 64, 16, 1, 4, 2, gather_x=True),
     "mma W8A8": KernelConfig(16, 32, 64, 32, 1, 4, 2, quantize_x=True),
     "prefill W8A16": UNPACK_AND_CUBLAS,
     "prefill W8A8": FP8_PREFILL,
