@@ -99,6 +99,7 @@ def rotating_weights(name: str, rho: float, fp8: bool = False):
 
 
 SWEEP_KERNELS = ("mma", "gemv")
+SWEEP_SHAPES = ("8B qkv", "8B o", "8B gate_up", "8B down")
 
 
 def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_KERNELS):
@@ -127,8 +128,8 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_K
 
 
 def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,),
-                 kernels: tuple[str, ...] = SWEEP_KERNELS) -> None:
-    """Time decode tile configs (``decode_configs``) on the Qwen3-8B shapes at rho = 0.25 against cuBLAS
+                 kernels: tuple[str, ...] = SWEEP_KERNELS, shapes: tuple[str, ...] = SWEEP_SHAPES) -> None:
+    """Time decode tile configs (``decode_configs``) on ``shapes`` at rho = 0.25 against cuBLAS
     (and dense FP8 with ``fp8``) and the default path (what choose_config encodes), at each M of ``ms``."""
     from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, choose_config
 
@@ -139,7 +140,7 @@ def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,)
     except ImportError:
         old = None
     results = []
-    for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
+    for name in shapes:
         k, ws, dense_ws = rotating_weights(name, 0.25, fp8)
         copies = len(ws)
         for m in ms:
@@ -217,6 +218,7 @@ def main() -> None:
     parser.add_argument("--sweep-ms", nargs="*", type=int, default=[1], help="the M values --sweep times")
     parser.add_argument("--sweep-kernels", nargs="*", choices=SWEEP_KERNELS, default=list(SWEEP_KERNELS),
                         help="the kernels --sweep times at M > 1 (decode_configs)")
+    parser.add_argument("--sweep-shapes", nargs="*", choices=list(SHAPES), default=list(SWEEP_SHAPES))
     parser.add_argument("--fp8", action="store_true", help="also time the FP8 variants (fp8_variants)")
     parser.add_argument("--fp8-only", action="store_true", help="cuBLAS bf16 and the FP8 variants only")
     args = parser.parse_args()
@@ -224,7 +226,7 @@ def main() -> None:
     if args.crossover:
         return crossover(args.crossover)
     if args.sweep:
-        sweep_decode(args.sweep, args.fp8, tuple(args.sweep_ms), tuple(args.sweep_kernels))
+        sweep_decode(args.sweep, args.fp8, tuple(args.sweep_ms), tuple(args.sweep_kernels), tuple(args.sweep_shapes))
         if args.fp8:
             return None
     bandwidth = copy_bandwidth()

@@ -43,6 +43,7 @@ Measured status against cuBLAS and that floor: docs/KERNELS.md.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton
@@ -108,6 +109,7 @@ def _spense_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
     PADDED_M: tl.constexpr = False, w_scale_ptr=None, x_scale_ptr=None, BYTE_PERMUTES: tl.constexpr = False,
     DENSE_ALIGN: tl.constexpr = 16, WORDS_ALIGN: tl.constexpr = 16, META_ALIGN: tl.constexpr = 16,
+    AFTER_PREVIOUS: tl.constexpr = False,
 ):
     """With ``BYTE_PERMUTES`` (NVIDIA GPUs) 16-bit 2:4 values are expanded by ``_expand_pairs_by_permutes``.
     FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
@@ -128,6 +130,8 @@ def _spense_gemm_kernel(
     dense_rows = tl.multiple_of(offs_n * stride_dwn, DENSE_ALIGN)[:, None]
     word_rows = tl.multiple_of(offs_n * stride_swn, WORDS_ALIGN)[:, None]
     meta_rows = tl.multiple_of(offs_n * stride_metan, META_ALIGN)[:, None]
+    if AFTER_PREVIOUS:  # launched early (programmatic dependent launch): x is ready only after this
+        tl.extra.cuda.gdc_wait()
 
     # Dense region: columns [0, KD) of the permuted activations times the stored dense columns.
     offs_kd = tl.arange(0, BLOCK_KD)
@@ -392,6 +396,7 @@ def _spense_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
     VALUE_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, perm_ptr=None, GATHER_X: tl.constexpr = False,
     w_scale_ptr=None, DENSE_ALIGN: tl.constexpr = 16, WORDS_ALIGN: tl.constexpr = 16, META_ALIGN: tl.constexpr = 16,
+    AFTER_PREVIOUS: tl.constexpr = False,
 ):
     """Decode (M <= BLOCK_M, a few rows): CUDA-core FMAs, no MMA and so no register-layout conversions.
 
@@ -429,6 +434,8 @@ def _spense_gemv_kernel(
     acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_Q), dtype=tl.float32)
     lo, hi, x_quads = _gemv_dense_load(pid_k * BLOCK_Q, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
                                        GATHER_X)
+    if AFTER_PREVIOUS:  # launched early: the first weights are on their way while the previous kernel ends
+        tl.extra.cuda.gdc_wait()
     for q0 in range(pid_k * BLOCK_Q, GD, step):
         acc_d = _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m3, GD, VALUE_DTYPE, X_DTYPE, BLOCK_Q)
         lo, hi, x_quads = _gemv_dense_load(q0 + step, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
@@ -512,10 +519,13 @@ def _round_to_e4m3(v):
 
 @triton.jit
 def _permute_quads_kernel(x_ptr, perm_ptr, out_ptr, Q, stride_xm, stride_om, WORDS: tl.constexpr,
-                          BLOCK_Q: tl.constexpr):
+                          BLOCK_Q: tl.constexpr, LAUNCH_DEPENDENTS: tl.constexpr = False):
     """``x[:, channel_perm]`` a quad at a time (four channels, ``quad_words``; WORDS words a quad): the
     permutation moves whole 4-channel groups, so quad j of the output is quad ``channel_perm[4 j] / 4`` of
-    x. One 8-byte load per quad instead of torch's gather of single elements."""
+    x. One 8-byte load per quad instead of torch's gather of single elements. ``LAUNCH_DEPENDENTS`` lets the
+    MMA kernel after it start at once (it waits for this kernel's writes before reading them)."""
+    if LAUNCH_DEPENDENTS:
+        tl.extra.cuda.gdc_launch_dependents()
     row = tl.program_id(0)
     qq = tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)
     mask = qq < Q
@@ -606,14 +616,16 @@ class KernelConfig:
     gather_x: bool = False  # gemv only: read x through channel_perm in the kernel instead of a permuted copy
     pad_rows: bool = True  # mma only: pad the permuted x to whole BLOCK_M-row tiles, read without row masks
     quantize_x: bool = False  # FP8 weights, mma/unpack only: x quantized per row to FP8 too (W8A8), not W8A16
+    early_launch: bool = True  # gemv/mma on sm90+: programmatic dependent launch (``_launches_early``)
 
 
 # Decode, one row: the CUDA-core kernel, 4 rows x (256 dense columns, 256 2:4 groups) per step, x read
 # through channel_perm in the kernel (no permuted copy); the best tiles of sweep_gemv_quads_h100.json.
 DECODE_GEMV = KernelConfig(1, 4, 256, 256, 1, 4, 3, "gemv", gather_x=True)
-# Batched decode: the fused MMA kernel with 16-row tiles of x; the previous expansion + cuBLAS path (two GEMMs)
-# tied it at 96 rows and won beyond (docs/measurements/crossover_h100_v2.json). The one-GEMM path since is 1-16%
-# slower than that one at 128 rows (ab_prefill_h100.json); the crossover was not measured again.
+# Batched decode: the fused MMA kernel with 16-row tiles of x (FP8 values: these tiles; 16-bit: ``mma_tiles``).
+# The previous expansion + cuBLAS path (two GEMMs) tied it at 96 rows and won beyond (crossover_h100_v2.json).
+# The one-GEMM path since is 1-16% slower than that one at 128 rows (ab_prefill_h100.json); the crossover was
+# not measured again.
 MMA_MAX_M = 64
 BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
 # Prefill: all of W expanded in x's channel order in block_n x block_g-group tiles, then one cuBLAS GEMM.
@@ -623,14 +635,29 @@ UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
 FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
 
 
+def mma_tiles(m: int, n: int, k: int) -> KernelConfig:
+    """The MMA kernel's tiles for a 16-bit ``[n, k]`` weight, a rule fitted to the best of 18 tile configs
+    on each of the eight Qwen3 shapes of bench_gemm.py at M = 8 (sweep_mma_shapes_h200.json): K split four
+    ways when it is long (8B down: 128 output tiles of 32 columns, each walking 12288 channels), 64-column
+    tiles for very wide weights (8B gate_up), and the longer steps only for few output tiles and no split.
+    K is split up to 16 rows only: at 64 rows the split made both down shapes 7% slower (ab_tiles_pdl_h200.json)."""
+    split_k = 4 if k >= 6144 and m <= 16 else 1
+    block_n = 64 if n >= 16384 else 32
+    block_kd, block_g = (256, 128) if split_k == 1 and n <= 4096 else (128, 64)
+    return dataclasses.replace(BATCHED_DECODE_MMA, block_n=block_n, block_kd=block_kd, block_g=block_g,
+                               split_k=split_k)
+
+
 def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False) -> KernelConfig:
-    """Kernel and tiles by M (K and the device do not change the choice today): the gemv kernel for one
-    row, the fused MMA kernel up to ``MMA_MAX_M`` rows, W expanded + one cuBLAS GEMM beyond. FP8 weights are
-    multiplied in x's dtype (W8A16) at decode and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
+    """Kernel and tiles by M, N and K (the device does not change the choice today): the gemv kernel for one
+    row, the fused MMA kernel up to ``MMA_MAX_M`` rows (``mma_tiles`` by shape; FP8 values keep
+    ``BATCHED_DECODE_MMA``, the rule was fitted on 16-bit ones), W expanded + one cuBLAS GEMM beyond. FP8
+    weights are multiplied in x's dtype (W8A16) at decode and as FP8 (W8A8) at prefill where cuBLASLt takes
+    the shape."""
     if m == 1:
         return DECODE_GEMV
     if m <= MMA_MAX_M:
-        return BATCHED_DECODE_MMA
+        return BATCHED_DECODE_MMA if fp8 else mma_tiles(m, n, k)
     if fp8 and n % 16 == 0 and k % 16 == 0:
         return FP8_PREFILL
     return UNPACK_AND_CUBLAS
@@ -681,6 +708,18 @@ def quad_words(tensor: torch.Tensor) -> torch.Tensor:
     return (tensor.clone() if tensor.data_ptr() % 8 else tensor).view(word)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_programmatic_launch(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _launches_early(config: KernelConfig, device: torch.device) -> bool:
+    """Whether the gemv / MMA kernel is launched with programmatic dependent launch (NVIDIA sm90+): it may
+    then start while the kernel before it in the stream (vLLM's norm or activation, or our permutation)
+    finishes, and waits for it (``gdc_wait``) only before reading x; every write comes after the wait."""
+    return config.early_launch and _has_programmatic_launch(device)
+
+
 def _alignment(stride: int) -> int:
     """The largest power of two, up to 16, that divides ``stride`` (16 for 0: a row never read)."""
     return min(16, stride & -stride) if stride > 0 else 16
@@ -715,7 +754,8 @@ def _row_buffer(rows: int, m: int, k: int, dtype: torch.dtype, device: torch.dev
     return buffer
 
 
-def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> torch.Tensor:
+def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int, launch_dependents: bool = False
+                    ) -> torch.Tensor:
     """``x[:, channel_perm]`` (dense channels first, then the 2:4 channels) in a buffer of ``rows >= M``
     rows (the padding rows are left unset on the GPU). One launch of ``_permute_quads_kernel``, in place
     of torch's ``index_select``, which cost about a fifth of the MMA path's time at M = 8 (docs/KERNELS.md)."""
@@ -725,7 +765,8 @@ def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int) -> t
     words = source.shape[1] // (k // GROUP_SIZE)
     block = min(1024, triton.next_power_of_2(k // GROUP_SIZE))
     _permute_quads_kernel[(m, triton.cdiv(k // GROUP_SIZE, block))](
-        source, channel_perm, target, k // GROUP_SIZE, source.stride(0), target.stride(0), WORDS=words, BLOCK_Q=block)
+        source, channel_perm, target, k // GROUP_SIZE, source.stride(0), target.stride(0), WORDS=words, BLOCK_Q=block,
+        LAUNCH_DEPENDENTS=launch_dependents)
     return permuted
 
 
@@ -777,19 +818,20 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     # The MMA kernel reads whole BLOCK_M-row tiles of x unmasked when the permuted copy is padded to them.
     rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
     padded = rows != m
+    early = _launches_early(config, x.device)
     x_scale = None
     if gather:
         x_perm = x.contiguous()
     elif w8a8:
         x_perm, x_scale = quantize_rows_fp8(x, weight.channel_perm, rows)
     else:
-        x_perm = permute_columns(x, weight.channel_perm, rows)
+        x_perm = permute_columns(x, weight.channel_perm, rows, launch_dependents=early)
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
     n, kd, gs = weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
     values, bias_arg = quad_words(weight.sparse_weight), bias if bias is not None else x
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
-                 num_warps=config.num_warps, num_stages=config.num_stages)
+                 num_warps=config.num_warps, num_stages=config.num_stages, AFTER_PREVIOUS=early, launch_pdl=early)
     if config.kernel == "gemv":
         if m > config.block_m:
             raise ValueError(f"spense_gemm: the gemv kernel takes M <= block_m={config.block_m}, found M={m}")

@@ -15,7 +15,7 @@ from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import fp8_round, fp8_scales, pack
 from vllm_spense.kernels.spense_gemm import (_EXPAND_PAIR_PTX, BATCHED_DECODE_MMA, DECODE_GEMV, FP8_PREFILL,
                                              MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
-                                             choose_config, expand_weight, permute_columns, spense_gemm)
+                                             choose_config, expand_weight, mma_tiles, permute_columns, spense_gemm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
@@ -25,6 +25,7 @@ CONFIGS = {
     "decode split-k": KernelConfig(16, 64, 64, 16, 3, 4, 2),
     "mid": KernelConfig(64, 128, 64, 16, 1, 4, 2),
     "decode unpadded": KernelConfig(16, 32, 64, 16, 1, 4, 2, pad_rows=False),
+    "decode split-k 4": KernelConfig(16, 32, 128, 64, 4, 4, 3),
     "gemv": KernelConfig(4, 32, 32, 16, 1, 4, 1, "gemv"),
     "gemv split-k": KernelConfig(4, 16, 16, 8, 3, 4, 1, "gemv"),
     "gemv gather": KernelConfig(4, 8, 32, 16, 2, 4, 1, "gemv", gather_x=True),
@@ -164,6 +165,11 @@ def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     assert choose_config(1, 4096, 4096, cpu) == DECODE_GEMV
     assert choose_config(2, 4096, 4096, cpu) == BATCHED_DECODE_MMA
     assert choose_config(MMA_MAX_M, 4096, 4096, cpu) == BATCHED_DECODE_MMA
+    # MMA tiles by shape (mma_tiles): long K split, very wide N in 64-column tiles, FP8 values unchanged.
+    assert choose_config(8, 4096, 12288, cpu) == mma_tiles(8, 4096, 12288)
+    assert mma_tiles(8, 4096, 12288).split_k == 4 and mma_tiles(64, 4096, 12288).split_k == 1
+    assert mma_tiles(8, 24576, 4096).block_n == 64 and mma_tiles(8, 6144, 4096).block_kd == 128
+    assert choose_config(8, 4096, 12288, cpu, fp8=True) == BATCHED_DECODE_MMA
     assert choose_config(MMA_MAX_M + 1, 4096, 4096, cpu) == UNPACK_AND_CUBLAS
     assert choose_config(4096, 4096, 4096, cpu) == UNPACK_AND_CUBLAS
 
