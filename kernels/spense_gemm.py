@@ -35,6 +35,9 @@ expansion writes all of W as FP8 bytes and ``torch._scaled_mm`` multiplies it wi
 (W8A8, ``_quantize_rows_kernel``; at decode through ``channel_perm``, at prefill in x's order).
 ``KernelConfig.quantize_x`` switches an MMA or prefill config between the two.
 
+On sm90+ the gemv and MMA kernels are launched with programmatic dependent launch (``_launches_early``):
+each may start before the kernel ahead of it ends and waits for it only before reading x.
+
 Triton cannot issue Hopper's sparse MMA, so the 2:4 region costs dense MMA work; at decode the GEMM is
 bound by the weight bytes read (0.67x dense at rho = 0.25), which is where a speedup has to come from.
 Measured status against cuBLAS and that floor: docs/KERNELS.md.
