@@ -619,7 +619,6 @@ class KernelConfig:
     gather_x: bool = False  # gemv only: read x through channel_perm in the kernel instead of a permuted copy
     pad_rows: bool = True  # mma only: pad the permuted x to whole BLOCK_M-row tiles, read without row masks
     quantize_x: bool = False  # FP8 weights, mma/unpack only: x quantized per row to FP8 too (W8A8), not W8A16
-    early_launch: bool = True  # gemv/mma on sm90+: programmatic dependent launch (``_launches_early``)
 
 
 # Decode, one row: the CUDA-core kernel, 4 rows x (256 dense columns, 256 2:4 groups) per step, x read
@@ -712,15 +711,11 @@ def quad_words(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_programmatic_launch(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _launches_early(config: KernelConfig, device: torch.device) -> bool:
+def _launches_early(device: torch.device) -> bool:
     """Whether the gemv / MMA kernel is launched with programmatic dependent launch (NVIDIA sm90+): it may
     then start while the kernel before it in the stream (vLLM's norm or activation, or our permutation)
     finishes, and waits for it (``gdc_wait``) only before reading x; every write comes after the wait."""
-    return config.early_launch and _has_programmatic_launch(device)
+    return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _alignment(stride: int) -> int:
@@ -821,7 +816,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     # The MMA kernel reads whole BLOCK_M-row tiles of x unmasked when the permuted copy is padded to them.
     rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
     padded = rows != m
-    early = _launches_early(config, x.device)
+    early = _launches_early(x.device)
     x_scale = None
     if gather:
         x_perm = x.contiguous()
