@@ -59,7 +59,7 @@ def fp8_variants(base: torch.Tensor, copies: int, spense: bool = True) -> dict:
     rho = 0.25 the other activation mode of each path: W8A8 (x quantized to FP8, FP8 MMAs) at decode where
     the default is W8A16, W8A16 at prefill where the default is W8A8. Values: (weights, call, x -> input)."""
     from vllm_spense.format import fp8_values
-    from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, MMA_MAX_M, UNPACK_AND_CUBLAS,
+    from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, FP8_MMA_MAX_M, UNPACK_AND_CUBLAS,
                                                  quantize_rows_fp8)
 
     scale = fp8_scales(base)
@@ -81,7 +81,7 @@ def fp8_variants(base: torch.Tensor, copies: int, spense: bool = True) -> dict:
     w25 = variants["spense fp8 rho=0.25"][0]
     w8a8_mma = dataclasses.replace(BATCHED_DECODE_MMA, quantize_x=True)
     variants["spense fp8 rho=0.25 other mode"] = (w25, lambda w, x: spense_gemm(
-        x, w, config=w8a8_mma if x.shape[0] <= MMA_MAX_M else UNPACK_AND_CUBLAS), None)
+        x, w, config=w8a8_mma if x.shape[0] <= FP8_MMA_MAX_M else UNPACK_AND_CUBLAS), None)
     return variants
 
 
@@ -98,16 +98,18 @@ def rotating_weights(name: str, rho: float, fp8: bool = False):
     return k, [spense_weight_for(base, rho, fp8) for _ in range(copies)], [base.clone() for _ in range(copies)]
 
 
-SWEEP_KERNELS = ("mma", "gemv")
+SWEEP_KERNELS = ("mma", "gemv", "swap", "rows", "unpack")
+DEFAULT_SWEEP_KERNELS = ("mma", "gemv")
 SWEEP_SHAPES = ("8B qkv", "8B o", "8B gate_up", "8B down")
 
 
-def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_KERNELS):
+def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = DEFAULT_SWEEP_KERNELS):
     """Tile configs worth timing at decode: at M = 1 the CUDA-core gemv (x read through channel_perm in the
     kernel; rows per program, dense columns / 2:4 groups per step, warps), larger steps for FP8's 1-byte
-    values; at M > 1 those of ``kernels``: the MMA kernel (FP8: W8A16 and W8A8) and the gemv kernel with
-    all M rows in one program."""
-    from vllm_spense.kernels.spense_gemm import KernelConfig
+    values; at M > 1 those of ``kernels``: the MMA kernel with 16-row tiles (FP8: W8A16 and W8A8), the gemv
+    kernel with all M rows in one program, the MMA kernel with swapped operands (W's rows on the MMA's wide
+    side, up to 256 rows of x a program), the MMA kernel with 32-128-row tiles, and W expanded + cuBLAS."""
+    from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, KernelConfig
 
     if m > 1:
         steps, modes = ((128, 64), (256, 128)), (False, True) if fp8 else (False,)
@@ -119,7 +121,15 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_K
             # (64 registers a thread at 4 warps).
             "gemv": [KernelConfig(rows, block_n, kd, kd // 2, 1, warps, 3, "gemv", gather_x=True)
                      for block_n, kd, warps in itertools.product((4, 8, 16), (64, 128, 256, 512), (4, 8))
-                     if 1024 <= rows * block_n * kd <= 8192]}
+                     if 1024 <= rows * block_n * kd <= 8192],
+            "swap": [KernelConfig(block_m, block_n, kd, g, split_k, warps, 3, swap_ab=True)
+                     for block_m, block_n, (kd, g), split_k, warps in itertools.product(
+                         sorted({min(128, max(16, rows)), min(256, max(16, rows))}), (64, 128),
+                         ((64, 32), (128, 64)), (1, 2, 4), (4, 8))],
+            "rows": [KernelConfig(block_m, block_n, kd, g, 1, 4, 3)
+                     for block_m, block_n, (kd, g) in itertools.product((32, 64, 128), (32, 64), steps)
+                     if block_m <= max(32, rows)],
+            "unpack": [UNPACK_AND_CUBLAS]}
         return [config for kernel in kernels for config in configs[kernel]]
     steps = ((512, 256), (1024, 512), (1024, 1024), (2048, 1024)) if fp8 else \
         ((256, 128), (256, 256), (512, 256), (512, 512), (1024, 512))
@@ -128,7 +138,7 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = SWEEP_K
 
 
 def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,),
-                 kernels: tuple[str, ...] = SWEEP_KERNELS, shapes: tuple[str, ...] = SWEEP_SHAPES) -> None:
+                 kernels: tuple[str, ...] = DEFAULT_SWEEP_KERNELS, shapes: tuple[str, ...] = SWEEP_SHAPES) -> None:
     """Time decode tile configs (``decode_configs``) on ``shapes`` at rho = 0.25 against cuBLAS
     (and dense FP8 with ``fp8``) and the default path (what choose_config encodes), at each M of ``ms``."""
     from vllm_spense.kernels.spense_gemm import UNPACK_AND_CUBLAS, choose_config
@@ -216,7 +226,7 @@ def main() -> None:
     parser.add_argument("--sweep", help="also time decode tile configs; write them to this JSON file")
     parser.add_argument("--crossover", help="only time MMA vs unpack + cuBLAS for mid-size M; write this JSON file")
     parser.add_argument("--sweep-ms", nargs="*", type=int, default=[1], help="the M values --sweep times")
-    parser.add_argument("--sweep-kernels", nargs="*", choices=SWEEP_KERNELS, default=list(SWEEP_KERNELS),
+    parser.add_argument("--sweep-kernels", nargs="*", choices=SWEEP_KERNELS, default=list(DEFAULT_SWEEP_KERNELS),
                         help="the kernels --sweep times at M > 1 (decode_configs)")
     parser.add_argument("--sweep-shapes", nargs="*", choices=list(SHAPES), default=list(SWEEP_SHAPES))
     parser.add_argument("--fp8", action="store_true", help="also time the FP8 variants (fp8_variants)")

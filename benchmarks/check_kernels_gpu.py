@@ -82,7 +82,8 @@ def main(quick: bool = False) -> int:
                     ref = x_ref.double() @ ref_w.t() + bias.double()
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     key = (f"{str(dtype)[6:]}{' fp8 W8A8' if w8a8 else ' fp8 W8A16' if fp8 else ''} {used.kernel} "
-                           f"block_m={used.block_m} split_k>1={used.split_k > 1}{' gather' if used.gather_x else ''}")
+                           f"block_m={used.block_m} split_k>1={used.split_k > 1}{' gather' if used.gather_x else ''}"
+                           f"{' swap-ab' if used.swap_ab else ''}")
                     worst[key] = max(worst.get(key, 0.0), err)
                     if not (err < (W8A8_TOLERANCE if w8a8 else TOLERANCE[dtype])) or not torch.isfinite(out).all():
                         failures += 1

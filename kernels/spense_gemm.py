@@ -14,8 +14,8 @@ values (``quad_words``): a group's four activations, a dense group's four values
 four kept values (with one metadata byte); the activation under each kept value is picked from its
 group's four with two selects.
 
-M = 2 .. ``MMA_MAX_M`` (``_spense_gemm_kernel``, ``BATCHED_DECODE_MMA``): ``x`` is permuted once
-(``permute_columns``, one 8-byte word per 4-channel group) into a copy padded to whole 16-row tiles (dense
+M = 2 .. ``MMA_MAX_M`` (``_spense_gemm_kernel``, tiles by ``mma_tiles``): ``x`` is permuted once
+(``permute_columns``, one 8-byte word per 4-channel group) into a copy padded to whole row tiles (dense
 channels, then 2:4 channels, so both regions read contiguous columns). One program owns a
 ``BLOCK_M x BLOCK_N`` tile of ``y`` and one fp32 accumulator; it walks the dense region in ``BLOCK_KD``
 steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding each step's packed values and
@@ -23,13 +23,15 @@ steps (plain MMA) and the 2:4 region in ``BLOCK_G``-group steps, expanding each 
 MMA: by byte permutes on NVIDIA GPUs (``_expand_pairs_by_permutes``, inline PTX), by selects elsewhere
 (``_expand_pairs``). W is never decompressed in memory. The M tiles of an N
 tile are neighbours in the grid, so they share its weights through L2. With ``SPLIT_K > 1`` programs split
-both walks and add partial sums into an fp32 buffer with atomics.
+both walks and add partial sums into an fp32 buffer with atomics. Past 48 rows (32 for very wide weights)
+the operands are swapped (``SWAP_AB``: ``y^T = W x^T``), so one expanded weight tile serves up to 256 rows.
 
-M > ``MMA_MAX_M`` (batched decode and prefill): ``_spense_expand_kernel`` writes all of W as a dense
+M > ``MMA_MAX_M`` (prefill): ``_spense_expand_kernel`` writes all of W as a dense
 ``[N, K]`` temporary in x's own channel order (contiguous writes; each group read from its packed place)
 and one cuBLAS GEMM multiplies x as it comes; the temporary is freed.
 
-FP8 values (``weight_scale [N]`` float32 beside them) take the same paths: decoded in registers and
+FP8 values (``weight_scale [N]`` float32 beside them) take the same paths (the MMA kernel up to
+``FP8_MMA_MAX_M`` rows, with 16-row tiles): decoded in registers and
 converted to x's dtype (W8A16) at decode, the per-channel scale applied once at the store; at prefill the
 expansion writes all of W as FP8 bytes and ``torch._scaled_mm`` multiplies it with x quantized per row
 (W8A8, ``_quantize_rows_kernel``; at decode through ``channel_perm``, at prefill in x's order).
@@ -100,6 +102,23 @@ def _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
 
 
 @triton.jit
+def _mma(acc, x, w, FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
+    """``acc += x @ w^T``; with ``SWAP_AB`` the transposed product ``acc^T += w @ x^T``: W's rows on the MMA's
+    64-row side (Hopper's wgmma takes that operand from registers, where the 2:4 expansion leaves it) and
+    x's rows on the other, so each expanded weight tile serves up to 256 rows of x."""
+    if SWAP_AB:
+        if FP32_DOT:
+            return tl.dot(w, tl.trans(x), acc, input_precision="ieee")
+        else:
+            return tl.dot(w, tl.trans(x), acc)
+    else:
+        if FP32_DOT:
+            return tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
 def _spense_gemm_kernel(
     # pointers
     x_ptr, dense_w_ptr, sparse_w_ptr, meta_ptr, bias_ptr, out_ptr,
@@ -112,7 +131,7 @@ def _spense_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
     PADDED_M: tl.constexpr = False, w_scale_ptr=None, x_scale_ptr=None, BYTE_PERMUTES: tl.constexpr = False,
     DENSE_ALIGN: tl.constexpr = 16, WORDS_ALIGN: tl.constexpr = 16, META_ALIGN: tl.constexpr = 16,
-    AFTER_PREVIOUS: tl.constexpr = False,
+    AFTER_PREVIOUS: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     """With ``BYTE_PERMUTES`` (NVIDIA GPUs) 16-bit 2:4 values are expanded by ``_expand_pairs_by_permutes``.
     FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
@@ -125,7 +144,7 @@ def _spense_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Offsets of W's rows in its three tensors. Triton specialises a stride on being a multiple of 16 only;
     # the ``*_ALIGN`` say what power of two (up to 16) each stride is a multiple of (``_alignment``), so the
     # loads of rows whose stride is not a multiple of 16 stay vectorised and pipelined (Qwen3-32B's down
@@ -145,10 +164,7 @@ def _spense_gemm_kernel(
                     mask=(mask_m[:, None] | PADDED_M) & mask_k[None, :], other=0.0)
         w = tl.load(dense_w_ptr + dense_rows + kk[None, :],
                     mask=mask_n[:, None] & mask_k[None, :], other=0.0).to(x_ptr.dtype.element_ty)
-        if FP32_DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc = _mma(acc, x, w, FP32_DOT, SWAP_AB)
 
     # 2:4 region, BLOCK_G groups (BLOCK_G / 2 pairs) per step, expanded in registers into one zero-filled
     # [BLOCK_N, 4 * BLOCK_G] tile (``_expand_pairs``) against 4 * BLOCK_G contiguous activation columns.
@@ -172,11 +188,10 @@ def _spense_gemm_kernel(
         cols = KD + 8 * p0 + offs_c
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                     mask=(mask_m[:, None] | PADDED_M) & (cols < KD + 4 * GS)[None, :], other=0.0)
-        if FP32_DOT:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(x, tl.trans(w), acc)
+        acc = _mma(acc, x, w, FP32_DOT, SWAP_AB)
 
+    if SWAP_AB:
+        acc = tl.trans(acc)
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
                   w_scale_ptr, x_scale_ptr)
 
@@ -619,16 +634,19 @@ class KernelConfig:
     gather_x: bool = False  # gemv only: read x through channel_perm in the kernel instead of a permuted copy
     pad_rows: bool = True  # mma only: pad the permuted x to whole BLOCK_M-row tiles, read without row masks
     quantize_x: bool = False  # FP8 weights, mma/unpack only: x quantized per row to FP8 too (W8A8), not W8A16
+    swap_ab: bool = False  # mma only: multiply W @ x^T (W's rows on the MMA's wide side) and store transposed
 
 
 # Decode, one row: the CUDA-core kernel, 4 rows x (256 dense columns, 256 2:4 groups) per step, x read
 # through channel_perm in the kernel (no permuted copy); the best tiles of sweep_gemv_quads_h100.json.
 DECODE_GEMV = KernelConfig(1, 4, 256, 256, 1, 4, 3, "gemv", gather_x=True)
-# Batched decode: the fused MMA kernel with 16-row tiles of x (FP8 values: these tiles; 16-bit: ``mma_tiles``).
-# The previous expansion + cuBLAS path (two GEMMs) tied it at 96 rows and won beyond (crossover_h100_v2.json).
-# The one-GEMM path since is 1-16% slower than that one at 128 rows (ab_prefill_h100.json); the crossover was
-# not measured again.
-MMA_MAX_M = 64
+# Batched decode: the fused MMA kernel, 16-bit values with ``mma_tiles`` up to MMA_MAX_M rows (beyond, W
+# expanded + cuBLAS won at 512 rows on the 32B/TP4 shards and at 1024 on every shape; the 8B shapes still
+# lost 5-28% to the MMA kernel at 512: sweep_mid_m2_h200.json, sweep_mid_m_tp4_h200.json); FP8 values with
+# these 16-row tiles up to FP8_MMA_MAX_M rows, where the expansion path tied them on an H100
+# (crossover_h100_v2.json).
+MMA_MAX_M = 256
+FP8_MMA_MAX_M = 64
 BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
 # Prefill: all of W expanded in x's channel order in block_n x block_g-group tiles, then one cuBLAS GEMM.
 UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
@@ -638,31 +656,47 @@ FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
 
 
 def mma_tiles(m: int, n: int, k: int) -> KernelConfig:
-    """The MMA kernel's tiles for a 16-bit ``[n, k]`` weight, a rule fitted to the best of 18 tile configs
-    on each of the eight Qwen3 shapes of bench_gemm.py at M = 8 (sweep_mma_shapes_h200.json): K split four
-    ways when it is long (8B down: 128 output tiles of 32 columns, each walking 12288 channels), 64-column
-    tiles for very wide weights (8B gate_up), and the longer steps only for few output tiles and no split.
-    K is split up to 16 rows only: at 64 rows the split made both down shapes 7% slower (ab_tiles_pdl_h200.json)."""
+    """The MMA kernel's tiles for ``m`` rows of x against a 16-bit ``[n, k]`` weight: rules fitted to sweeps of
+    bench_gemm.py's Qwen3 shapes on an H200.
+
+    Up to 32 rows (the best of 18 configs per shape at M = 8, sweep_mma_shapes_h200.json; 17-32 rows from
+    sweep_mid_m_h200.json): 16-row tiles of x, K split four ways when it is long (8B down: 128 output tiles
+    of 32 columns, each walking 12288 channels; up to 16 rows only, it cost 7% at 64), 64-column tiles for
+    very wide weights (8B gate_up), the longer steps only for few output tiles and no split; at 17-32 rows
+    wide weights take 32-row tiles. Beyond 48 rows, and beyond 32 for the gate_up shapes (n >= 12288; at
+    33-48 rows the others lost up to 26% against 16-row tiles, ab_mid_m_h200_v2.json): swapped operands,
+    each expanded weight tile serving up to 256 rows of x (128 where 256-row tiles would leave fewer than 80
+    programs), and K split in two or four when the grid has 64 programs or fewer (the H200 has 132 SMs).
+    That rule is 4.7% off the best of 29-69 configs per shape and M (geometric mean over M = 48-256;
+    sweep_mid_m_h200.json, sweep_mid_m2_h200.json, and sweep_mid_m_tp4_h200.json for the 32B/TP4 shards)."""
+    if m > 48 or (m > 32 and n >= 12288):
+        n_tiles = triton.cdiv(n, 64)
+        block_m = 256 if m > 128 and n_tiles * triton.cdiv(m, 256) >= 80 else min(128, triton.next_power_of_2(m))
+        programs = n_tiles * triton.cdiv(m, block_m)
+        split_k = 1 if programs > 64 else 2 if programs > 32 else 4
+        return KernelConfig(block_m, 64, 64, 32, split_k, 8 if block_m == 256 or split_k > 1 else 4, 3,
+                            swap_ab=True)
+    wide = 16 < m <= 32 and n > 4096
     split_k = 4 if k >= 6144 and m <= 16 else 1
-    block_n = 64 if n >= 16384 else 32
+    block_n = 64 if n >= 16384 or wide else 32
     block_kd, block_g = (256, 128) if split_k == 1 and n <= 4096 else (128, 64)
-    return dataclasses.replace(BATCHED_DECODE_MMA, block_n=block_n, block_kd=block_kd, block_g=block_g,
-                               split_k=split_k)
+    return dataclasses.replace(BATCHED_DECODE_MMA, block_m=32 if wide else 16, block_n=block_n, block_kd=block_kd,
+                               block_g=block_g, split_k=split_k)
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False) -> KernelConfig:
     """Kernel and tiles by M, N and K (the device does not change the choice today): the gemv kernel for one
     row, the fused MMA kernel up to ``MMA_MAX_M`` rows (``mma_tiles`` by shape; FP8 values keep
-    ``BATCHED_DECODE_MMA``, the rule was fitted on 16-bit ones), W expanded + one cuBLAS GEMM beyond. FP8
-    weights are multiplied in x's dtype (W8A16) at decode and as FP8 (W8A8) at prefill where cuBLASLt takes
-    the shape."""
+    ``BATCHED_DECODE_MMA`` up to ``FP8_MMA_MAX_M``, the rules were fitted on 16-bit ones), W expanded + one
+    cuBLAS GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at decode and as FP8 (W8A8) at
+    prefill where cuBLASLt takes the shape."""
     if m == 1:
         return DECODE_GEMV
-    if m <= MMA_MAX_M:
-        return BATCHED_DECODE_MMA if fp8 else mma_tiles(m, n, k)
-    if fp8 and n % 16 == 0 and k % 16 == 0:
-        return FP8_PREFILL
-    return UNPACK_AND_CUBLAS
+    if fp8:
+        if m <= FP8_MMA_MAX_M:
+            return BATCHED_DECODE_MMA
+        return FP8_PREFILL if n % 16 == 0 and k % 16 == 0 else UNPACK_AND_CUBLAS
+    return mma_tiles(m, n, k) if m <= MMA_MAX_M else UNPACK_AND_CUBLAS
 
 
 def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None) -> None:
@@ -850,7 +884,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
             FP32_DOT=x_perm.dtype == torch.float32, **tiles, PADDED_M=padded,
             w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale, BYTE_PERMUTES=x.is_cuda and torch.version.hip is None,
             DENSE_ALIGN=_alignment(weight.dense_weight.stride(0)), WORDS_ALIGN=_alignment(values.stride(0)),
-            META_ALIGN=_alignment(weight.sparse_meta.stride(0)))
+            META_ALIGN=_alignment(weight.sparse_meta.stride(0)), SWAP_AB=config.swap_ab)
     if config.split_k > 1:
         result.copy_(acc)
     return result

@@ -13,8 +13,8 @@ import torch
 
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import fp8_round, fp8_scales, pack
-from vllm_spense.kernels.spense_gemm import (_EXPAND_PAIR_PTX, BATCHED_DECODE_MMA, DECODE_GEMV, FP8_PREFILL,
-                                             MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
+from vllm_spense.kernels.spense_gemm import (_EXPAND_PAIR_PTX, BATCHED_DECODE_MMA, DECODE_GEMV, FP8_MMA_MAX_M,
+                                             FP8_PREFILL, MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
                                              choose_config, expand_weight, mma_tiles, permute_columns, spense_gemm)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,6 +26,7 @@ CONFIGS = {
     "mid": KernelConfig(64, 128, 64, 16, 1, 4, 2),
     "decode unpadded": KernelConfig(16, 32, 64, 16, 1, 4, 2, pad_rows=False),
     "decode split-k 4": KernelConfig(16, 32, 128, 64, 4, 4, 3),
+    "mid swap-ab split-k": KernelConfig(32, 64, 64, 16, 2, 4, 2, swap_ab=True),
     "gemv": KernelConfig(4, 32, 32, 16, 1, 4, 1, "gemv"),
     "gemv split-k": KernelConfig(4, 16, 16, 8, 3, 4, 1, "gemv"),
     "gemv gather": KernelConfig(4, 8, 32, 16, 2, 4, 1, "gemv", gather_x=True),
@@ -164,12 +165,22 @@ def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     cpu = torch.device("cpu")
     assert choose_config(1, 4096, 4096, cpu) == DECODE_GEMV
     assert choose_config(2, 4096, 4096, cpu) == BATCHED_DECODE_MMA
-    assert choose_config(MMA_MAX_M, 4096, 4096, cpu) == BATCHED_DECODE_MMA
     # MMA tiles by shape (mma_tiles): long K split, very wide N in 64-column tiles, FP8 values unchanged.
     assert choose_config(8, 4096, 12288, cpu) == mma_tiles(8, 4096, 12288)
-    assert mma_tiles(8, 4096, 12288).split_k == 4 and mma_tiles(64, 4096, 12288).split_k == 1
+    assert mma_tiles(8, 4096, 12288).split_k == 4 and mma_tiles(24, 4096, 12288).split_k == 1
     assert mma_tiles(8, 24576, 4096).block_n == 64 and mma_tiles(8, 6144, 4096).block_kd == 128
     assert choose_config(8, 4096, 12288, cpu, fp8=True) == BATCHED_DECODE_MMA
+    # At 17-32 rows wide weights take 32-row tiles; past 48 rows (32 for gate_up shapes) the operands swap, up
+    # to 256 rows of x a program, K split where the grid is small (64 output tiles of 8B o and down).
+    assert (mma_tiles(24, 6144, 4096).block_m, mma_tiles(24, 4096, 4096).block_m) == (32, 16)
+    assert mma_tiles(40, 6144, 4096).block_m == 16 and not mma_tiles(48, 6144, 4096).swap_ab
+    assert mma_tiles(49, 6144, 4096).swap_ab and mma_tiles(33, 24576, 4096).swap_ab
+    assert [mma_tiles(m, 6144, 4096).block_m for m in (49, 100, 128, 129, MMA_MAX_M)] == [64, 128, 128, 256, 256]
+    assert mma_tiles(MMA_MAX_M, 4096, 4096).block_m == 128  # 256-row tiles would leave 64 programs
+    assert [mma_tiles(m, 4096, 12288).split_k for m in (64, 128, 256)] == [2, 2, 1]
+    assert mma_tiles(64, 2560, 5120).split_k == 2 and mma_tiles(64, 2048, 5120).split_k == 4
+    assert mma_tiles(128, 6144, 4096).split_k == 1
+    assert choose_config(MMA_MAX_M, 4096, 4096, cpu) == mma_tiles(MMA_MAX_M, 4096, 4096)
     assert choose_config(MMA_MAX_M + 1, 4096, 4096, cpu) == UNPACK_AND_CUBLAS
     assert choose_config(4096, 4096, 4096, cpu) == UNPACK_AND_CUBLAS
 
@@ -194,6 +205,7 @@ FP8_CONFIGS = {
     "mma W8A16": KernelConfig(16, 32, 64, 16, 1, 4, 2),
     "mma W8A16 split-k": KernelConfig(16, 32, 32, 16, 3, 4, 2, pad_rows=False),
     "mma W8A8": KernelConfig(16, 32, 64, 32, 1, 4, 2, quantize_x=True),
+    "mma W8A16 swap-ab": KernelConfig(64, 64, 64, 16, 1, 4, 2, swap_ab=True),
     "prefill W8A16": UNPACK_AND_CUBLAS,
     "prefill W8A8": FP8_PREFILL,
 }
@@ -250,6 +262,6 @@ def test_fp8_expansion_is_the_weight_in_x_channel_order(generator):
 def test_fp8_dispatch_quantizes_x_only_at_prefill_on_cublaslt_shapes():
     cpu = torch.device("cpu")
     assert choose_config(1, 4096, 4096, cpu, fp8=True) == DECODE_GEMV
-    assert not choose_config(MMA_MAX_M, 4096, 4096, cpu, fp8=True).quantize_x
-    assert choose_config(MMA_MAX_M + 1, 4096, 4096, cpu, fp8=True) == FP8_PREFILL
+    assert choose_config(FP8_MMA_MAX_M, 4096, 4096, cpu, fp8=True) == BATCHED_DECODE_MMA  # W8A16
+    assert choose_config(FP8_MMA_MAX_M + 1, 4096, 4096, cpu, fp8=True) == FP8_PREFILL
     assert choose_config(4096, 4104, 4096, cpu, fp8=True) == UNPACK_AND_CUBLAS  # N not a multiple of 16
