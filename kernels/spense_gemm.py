@@ -104,7 +104,7 @@ def _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k,
 @triton.jit
 def _mma(acc, x, w, FP32_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
     """``acc += x @ w^T``; with ``SWAP_AB`` the transposed product ``acc^T += w @ x^T``: W's rows on the MMA's
-    64-row side (Hopper's wgmma takes that operand from registers, where the 2:4 expansion leaves it) and
+    64-row side (the operand Hopper's wgmma may read from registers, where the 2:4 expansion builds it) and
     x's rows on the other, so each expanded weight tile serves up to 256 rows of x."""
     if SWAP_AB:
         if FP32_DOT:
