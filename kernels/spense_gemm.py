@@ -642,7 +642,7 @@ class KernelConfig:
 DECODE_GEMV = KernelConfig(1, 4, 256, 256, 1, 4, 3, "gemv", gather_x=True)
 # Batched decode: the fused MMA kernel, 16-bit values with ``mma_tiles`` up to MMA_MAX_M rows (beyond, W
 # expanded + cuBLAS won at 512 rows on the 32B/TP4 shards and at 1024 on every shape; the 8B shapes still
-# lost 5-28% to the MMA kernel at 512: sweep_mid_m2_h200.json, sweep_mid_m_tp4_h200.json); FP8 values with
+# lost 5-40% to the MMA kernel at 512: sweep_mid_m2_h200.json, sweep_mid_m_tp4_h200.json); FP8 values with
 # these 16-row tiles up to FP8_MMA_MAX_M rows, where the expansion path tied them on an H100
 # (crossover_h100_v2.json).
 MMA_MAX_M = 256
