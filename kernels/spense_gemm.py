@@ -670,11 +670,12 @@ def mma_tiles(m: int, n: int, k: int) -> KernelConfig:
     That rule is 4.7% off the best of 29-69 configs per shape and M (geometric mean over M = 48-256;
     sweep_mid_m_h200.json, sweep_mid_m2_h200.json, and sweep_mid_m_tp4_h200.json for the 32B/TP4 shards)."""
     if m > 48 or (m > 32 and n >= 12288):
-        n_tiles = triton.cdiv(n, 64)
+        block_n = 64
+        n_tiles = triton.cdiv(n, block_n)
         block_m = 256 if m > 128 and n_tiles * triton.cdiv(m, 256) >= 80 else min(128, triton.next_power_of_2(m))
         programs = n_tiles * triton.cdiv(m, block_m)
         split_k = 1 if programs > 64 else 2 if programs > 32 else 4
-        return KernelConfig(block_m, 64, 64, 32, split_k, 8 if block_m == 256 or split_k > 1 else 4, 3,
+        return KernelConfig(block_m, block_n, 64, 32, split_k, 8 if block_m == 256 or split_k > 1 else 4, 3,
                             swap_ab=True)
     wide = 16 < m <= 32 and n > 4096
     split_k = 4 if k >= 6144 and m <= 16 else 1
