@@ -3,7 +3,8 @@
     git show REV:kernels/spense_gemm.py > benchmarks/_old_spense_gemm.py
     python benchmarks/ab_previous.py --json ab.json      # or: bash benchmarks/run_gpu.sh OUT ab
 
-Qwen3-8B shapes (``--shapes``: any of bench_gemm.py's), rho = 0.25, bf16, M in 1, 2, 8, 16, 64, 2048 (``--ms``);
+Qwen3-8B shapes (``--shapes``: any of bench_gemm.py's), rho = 0.25, bf16 (``--fp8``: FP8 weight values, bf16 x),
+M in 1, 2, 8, 16, 64, 2048 (``--ms``);
 cuBLAS beside them; each kernel's relative error against the checked cuBLAS + expansion path in fp32,
 computed once per shape and M. Timing as bench_gemm.py (CUDA graphs, rotating weights, median).
 """
@@ -34,9 +35,11 @@ def load_previous(path: str):
 
 
 def reference(x: torch.Tensor, w) -> torch.Tensor:
-    """``x @ W^T`` in fp32 through the checked cuBLAS + expansion path."""
+    """``x @ W^T`` in fp32 through the checked cuBLAS + expansion path (FP8 values dequantized first)."""
+    scale = w.weight_scale[:, None] if w.is_fp8 else 1.0
     return current.spense_gemm(x.float(), current.SpenseGemmWeight.from_channel_perm(
-        w.dense_weight.float(), w.sparse_weight.float(), w.sparse_meta, w.channel_perm), config=current.UNPACK_AND_CUBLAS)
+        w.dense_weight.float() * scale, w.sparse_weight.float() * scale, w.sparse_meta, w.channel_perm),
+        config=current.UNPACK_AND_CUBLAS)
 
 
 def main() -> None:
@@ -45,12 +48,13 @@ def main() -> None:
                                                            "_old_spense_gemm.py"))
     parser.add_argument("--shapes", nargs="*", default=["8B qkv", "8B o", "8B gate_up", "8B down"])
     parser.add_argument("--ms", nargs="*", type=int, default=list(MS))
+    parser.add_argument("--fp8", action="store_true", help="FP8 weight values (bf16 activations)")
     parser.add_argument("--json")
     args = parser.parse_args()
     kernels = {"current": current, "previous": load_previous(args.previous)}
     rows = []
     for name in args.shapes:
-        k, ws, dense_ws = rotating_weights(name, 0.25)
+        k, ws, dense_ws = rotating_weights(name, 0.25, args.fp8)
         for m in args.ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in ws]
             row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3}
@@ -65,7 +69,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, handle, indent=1)
+            json.dump({"device": torch.cuda.get_device_name(), "fp8": args.fp8, "rows": rows}, handle, indent=1)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def fp8_variants(base: torch.Tensor, copies: int, spense: bool = True) -> dict:
     rho = 0.25 the other activation mode of each path: W8A8 (x quantized to FP8, FP8 MMAs) at decode where
     the default is W8A16, W8A16 at prefill where the default is W8A8. Values: (weights, call, x -> input)."""
     from vllm_spense.format import fp8_values
-    from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, FP8_MMA_MAX_M, UNPACK_AND_CUBLAS,
+    from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, MMA_MAX_M, UNPACK_AND_CUBLAS,
                                                  quantize_rows_fp8)
 
     scale = fp8_scales(base)
@@ -81,7 +81,7 @@ def fp8_variants(base: torch.Tensor, copies: int, spense: bool = True) -> dict:
     w25 = variants["spense fp8 rho=0.25"][0]
     w8a8_mma = dataclasses.replace(BATCHED_DECODE_MMA, quantize_x=True)
     variants["spense fp8 rho=0.25 other mode"] = (w25, lambda w, x: spense_gemm(
-        x, w, config=w8a8_mma if x.shape[0] <= FP8_MMA_MAX_M else UNPACK_AND_CUBLAS), None)
+        x, w, config=w8a8_mma if x.shape[0] <= MMA_MAX_M else UNPACK_AND_CUBLAS), None)
     return variants
 
 

@@ -31,7 +31,7 @@ M > ``MMA_MAX_M`` (prefill): ``_spense_expand_kernel`` writes all of W as a dens
 and one cuBLAS GEMM multiplies x as it comes; the temporary is freed.
 
 FP8 values (``weight_scale [N]`` float32 beside them) take the same paths (the MMA kernel up to
-``FP8_MMA_MAX_M`` rows, with 16-row tiles): decoded in registers and
+``MMA_MAX_M`` rows, tiles by ``fp8_mma_tiles``): decoded in registers and
 converted to x's dtype (W8A16) at decode, the per-channel scale applied once at the store; at prefill the
 expansion writes all of W as FP8 bytes and ``torch._scaled_mm`` multiplies it with x quantized per row
 (W8A8, ``_quantize_rows_kernel``; at decode through ``channel_perm``, at prefill in x's order).
@@ -640,13 +640,10 @@ class KernelConfig:
 # Decode, one row: the CUDA-core kernel, 4 rows x (256 dense columns, 256 2:4 groups) per step, x read
 # through channel_perm in the kernel (no permuted copy); the best tiles of sweep_gemv_quads_h100.json.
 DECODE_GEMV = KernelConfig(1, 4, 256, 256, 1, 4, 3, "gemv", gather_x=True)
-# Batched decode: the fused MMA kernel, 16-bit values with ``mma_tiles`` up to MMA_MAX_M rows (beyond, W
-# expanded + cuBLAS won at 512 rows on the 32B/TP4 shards and at 1024 on every shape; the 8B shapes still
-# lost 5-40% to the MMA kernel at 512: sweep_mid_m2_h200.json, sweep_mid_m_tp4_h200.json); FP8 values with
-# these 16-row tiles up to FP8_MMA_MAX_M rows, where the expansion path tied them on an H100
-# (crossover_h100_v2.json).
+# Batched decode: the fused MMA kernel up to MMA_MAX_M rows, tiles by ``mma_tiles`` (``fp8_mma_tiles`` for
+# FP8 values). Beyond, W expanded + cuBLAS won at 512 rows on the 32B/TP4 shards and at 1024 on every shape;
+# the 8B shapes still lost 5-40% to the MMA kernel at 512: sweep_mid_m2_h200.json, sweep_mid_m_tp4_h200.json.
 MMA_MAX_M = 256
-FP8_MMA_MAX_M = 64
 BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
 # Prefill: all of W expanded in x's channel order in block_n x block_g-group tiles, then one cuBLAS GEMM.
 UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
@@ -685,19 +682,28 @@ def mma_tiles(m: int, n: int, k: int) -> KernelConfig:
                                block_g=block_g, split_k=split_k)
 
 
+def fp8_mma_tiles(m: int, n: int, k: int) -> KernelConfig:
+    """The MMA kernel's tiles for FP8 values (W8A16): ``mma_tiles``' swapped operands (past 48 rows, 32 for
+    gate_up-sized weights) and its 32-row tiles for those weights at 17-32 rows; else ``BATCHED_DECODE_MMA``,
+    whose longer K steps without split suit 1-byte values (``mma_tiles``' shorter steps and split-K cost the
+    8B qkv and down 16-35% at 2-16 rows, its 32-row tiles qkv 6% at 32). Against the W8A8 expansion
+    path used before at 65-256 rows, the swap took 0.42-0.69x the time on the 8B shapes at 96-128 rows and
+    0.83x / 0.94x summed over the four at 192 / 256 rows, where o and down alone lost up to 38%
+    (H200, ab_fp8_mid_m_h200.json)."""
+    tiles = mma_tiles(m, n, k)
+    return tiles if tiles.swap_ab or (tiles.block_m > 16 and n >= 12288) else BATCHED_DECODE_MMA
+
+
 def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False) -> KernelConfig:
     """Kernel and tiles by M, N and K (the device does not change the choice today): the gemv kernel for one
-    row, the fused MMA kernel up to ``MMA_MAX_M`` rows (``mma_tiles`` by shape; FP8 values keep
-    ``BATCHED_DECODE_MMA`` up to ``FP8_MMA_MAX_M``, the rules were fitted on 16-bit ones), W expanded + one
-    cuBLAS GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at decode and as FP8 (W8A8) at
-    prefill where cuBLASLt takes the shape."""
+    row, the fused MMA kernel up to ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8
+    values), W expanded + one cuBLAS GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at decode
+    and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
     if m == 1:
         return DECODE_GEMV
-    if fp8:
-        if m <= FP8_MMA_MAX_M:
-            return BATCHED_DECODE_MMA
-        return FP8_PREFILL if n % 16 == 0 and k % 16 == 0 else UNPACK_AND_CUBLAS
-    return mma_tiles(m, n, k) if m <= MMA_MAX_M else UNPACK_AND_CUBLAS
+    if m <= MMA_MAX_M:
+        return fp8_mma_tiles(m, n, k) if fp8 else mma_tiles(m, n, k)
+    return FP8_PREFILL if fp8 and n % 16 == 0 and k % 16 == 0 else UNPACK_AND_CUBLAS
 
 
 def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None) -> None:

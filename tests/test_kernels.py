@@ -13,7 +13,7 @@ import torch
 
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import fp8_round, fp8_scales, pack
-from vllm_spense.kernels.spense_gemm import (_EXPAND_PAIR_PTX, BATCHED_DECODE_MMA, DECODE_GEMV, FP8_MMA_MAX_M,
+from vllm_spense.kernels.spense_gemm import (_EXPAND_PAIR_PTX, BATCHED_DECODE_MMA, DECODE_GEMV,
                                              FP8_PREFILL, MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
                                              choose_config, expand_weight, mma_tiles, permute_columns, spense_gemm)
 
@@ -165,7 +165,8 @@ def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     cpu = torch.device("cpu")
     assert choose_config(1, 4096, 4096, cpu) == DECODE_GEMV
     assert choose_config(2, 4096, 4096, cpu) == BATCHED_DECODE_MMA
-    # MMA tiles by shape (mma_tiles): long K split, very wide N in 64-column tiles, FP8 values unchanged.
+    # MMA tiles by shape (mma_tiles): long K split, very wide N in 64-column tiles; FP8 values keep 16-row
+    # tiles without the split (fp8_mma_tiles).
     assert choose_config(8, 4096, 12288, cpu) == mma_tiles(8, 4096, 12288)
     assert mma_tiles(8, 4096, 12288).split_k == 4 and mma_tiles(24, 4096, 12288).split_k == 1
     assert mma_tiles(8, 24576, 4096).block_n == 64 and mma_tiles(8, 6144, 4096).block_kd == 128
@@ -262,6 +263,9 @@ def test_fp8_expansion_is_the_weight_in_x_channel_order(generator):
 def test_fp8_dispatch_quantizes_x_only_at_prefill_on_cublaslt_shapes():
     cpu = torch.device("cpu")
     assert choose_config(1, 4096, 4096, cpu, fp8=True) == DECODE_GEMV
-    assert choose_config(FP8_MMA_MAX_M, 4096, 4096, cpu, fp8=True) == BATCHED_DECODE_MMA  # W8A16
-    assert choose_config(FP8_MMA_MAX_M + 1, 4096, 4096, cpu, fp8=True) == FP8_PREFILL
+    assert choose_config(48, 4096, 4096, cpu, fp8=True) == BATCHED_DECODE_MMA  # W8A16, 16-row tiles
+    assert choose_config(32, 24576, 4096, cpu, fp8=True) == mma_tiles(32, 24576, 4096)  # 32-row tiles, wide W
+    assert choose_config(MMA_MAX_M, 4096, 4096, cpu, fp8=True).swap_ab  # W8A16, swapped operands
+    assert not choose_config(MMA_MAX_M, 4096, 4096, cpu, fp8=True).quantize_x
+    assert choose_config(MMA_MAX_M + 1, 4096, 4096, cpu, fp8=True) == FP8_PREFILL
     assert choose_config(4096, 4104, 4096, cpu, fp8=True) == UNPACK_AND_CUBLAS  # N not a multiple of 16
