@@ -133,7 +133,8 @@ def _spense_gemm_kernel(
     DENSE_ALIGN: tl.constexpr = 16, WORDS_ALIGN: tl.constexpr = 16, META_ALIGN: tl.constexpr = 16,
     AFTER_PREVIOUS: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
-    """With ``BYTE_PERMUTES`` (NVIDIA GPUs) 16-bit 2:4 values are expanded by ``_expand_pairs_by_permutes``.
+    """With ``BYTE_PERMUTES`` (NVIDIA GPUs) 2:4 values are expanded by ``_expand_pairs_by_permutes`` (16-bit
+    values) or ``_expand_fp8_pairs_by_permutes`` (FP8 values times bf16 or fp16 x).
     FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
     quantized per row to FP8 (``x_scale_ptr`` set), multiplied as FP8 on the tensor cores (W8A8); the
     scales multiply the accumulator once, at the store."""
@@ -183,6 +184,8 @@ def _spense_gemm_kernel(
             w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, tl.int8)).to(tl.float8e4nv, bitcast=True)
         elif BYTE_PERMUTES and (value_dtype == tl.bfloat16 or value_dtype == tl.float16):
             w = _expand_pairs_by_permutes(lo, byte, x_ptr.dtype.element_ty)
+        elif BYTE_PERMUTES and value_dtype == tl.float8e4nv and x_ptr.dtype.element_ty != tl.float32:
+            w = _expand_fp8_pairs_by_permutes(lo, byte, x_ptr.dtype.element_ty)
         else:
             w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, x_ptr.dtype.element_ty))
         cols = KD + 8 * p0 + offs_c
@@ -314,20 +317,50 @@ shl.b32 t0, c0, t0;
 shl.b32 t1, c1, t1;
 xor.b32 s, t0, t1;
 xor.b32 s, s, 0x44444444;
-prmt.b32 r, {word}, 0, s;
+prmt.b32 r, {word}, 0, s;{convert}
 mov.b32 {{${out0}, ${out1}}}, r;
 shr.b32 s, s, 16;
-prmt.b32 r, {word}, 0, s;
+prmt.b32 r, {word}, 0, s;{convert}
 mov.b32 {{${out2}, ${out3}}}, r;
 """
 _EXPAND_PAIR_PTX = tl.constexpr(
     "{\n.reg .b32 wa, wb, c0, c1, t0, t1, s, r;\nmov.b64 {wa, wb}, $8;\nmov.b32 c0, 0x54;\nmov.b32 c1, 0x76;"
     # group 2p: indices in bits 0-1 and 2-3, values in the word's low half; group 2p + 1: bits 4-7, high half
     + _GROUP_PTX.format(shift_i0="shl.b32", by_i0=3, shift_i1="shl.b32", by_i1=1, word="wa", out0=0, out1=1, out2=2,
-                        out3=3)
+                        out3=3, convert="")
     + _GROUP_PTX.format(shift_i0="shr.b32", by_i0=1, shift_i1="shr.b32", by_i1=3, word="wb", out0=4, out1=5, out2=6,
-                        out3=7)
+                        out3=7, convert="")
     + "}")
+
+# The same for FP8 values (W8A16): the pair's four e4m3 bytes are one 32-bit word, and each permute puts a
+# kept byte in the high byte of its 16-bit position (selector 0x04 / 0x14 for group 2p's first / second
+# value, 0x24 / 0x34 for group 2p + 1's), zeros elsewhere. Sign, exponent and mantissa then move into
+# place with a shift and two masks (bf16: the 7 bits right by 4; fp16: right by 1), which reads the e4m3
+# bits as a number 2^-120 (bf16) or 2^-8 (fp16) times the value, subnormals included; one packed multiply
+# by 2^120 or 2^8 (exact: a power of two) gives the value. Adding -0 keeps a kept -0 negative.
+_FP8_CONVERT_PTX = """
+shr.b32 t0, r, {shift};
+and.b32 t0, t0, {bits};
+and.b32 r, r, 0x80008000;
+or.b32 r, r, t0;
+fma.rn.{dtype}x2 r, r, {power}, {negative_zero};"""
+
+
+def _fp8_expand_pair_ptx(shift: int, bits: int, dtype: str, power: int) -> str:
+    convert = _FP8_CONVERT_PTX.format(shift=shift, bits=hex(bits), dtype=dtype, power="k", negative_zero="z")
+    return ("{\n.reg .b32 c0, c1, t0, t1, s, r, k, z;\n" + f"mov.b32 k, {hex(power)};\nmov.b32 z, 0x80008000;"
+            + "\nmov.b32 c0, 0x40;\nmov.b32 c1, 0x50;"
+            + _GROUP_PTX.format(shift_i0="shl.b32", by_i0=3, shift_i1="shl.b32", by_i1=1, word="$8", out0=0, out1=1,
+                                out2=2, out3=3, convert=convert)
+            + "mov.b32 c0, 0x60;\nmov.b32 c1, 0x70;"
+            + _GROUP_PTX.format(shift_i0="shr.b32", by_i0=1, shift_i1="shr.b32", by_i1=3, word="$8", out0=4, out1=5,
+                                out2=6, out3=7, convert=convert)
+            + "}")
+
+
+# 2^120 as bf16x2, 2^8 as f16x2.
+_EXPAND_FP8_PAIR_PTX_BF16 = tl.constexpr(_fp8_expand_pair_ptx(4, 0x07F007F0, "bf16", 0x7B807B80))
+_EXPAND_FP8_PAIR_PTX_F16 = tl.constexpr(_fp8_expand_pair_ptx(1, 0x3F803F80, "f16", 0x5C005C00))
 
 
 @triton.jit
@@ -337,6 +370,23 @@ def _expand_pairs_by_permutes(lo, byte, OUT_DTYPE: tl.constexpr):
     other values take ``_decode_pairs`` + ``_expand_pairs``)."""
     w = tl.inline_asm_elementwise(_EXPAND_PAIR_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,l,r", [lo, byte],
                                   dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    return _interleave_pairs(w[0].to(OUT_DTYPE, bitcast=True), w[1].to(OUT_DTYPE, bitcast=True),
+                             w[2].to(OUT_DTYPE, bitcast=True), w[3].to(OUT_DTYPE, bitcast=True),
+                             w[4].to(OUT_DTYPE, bitcast=True), w[5].to(OUT_DTYPE, bitcast=True),
+                             w[6].to(OUT_DTYPE, bitcast=True), w[7].to(OUT_DTYPE, bitcast=True))
+
+
+@triton.jit
+def _expand_fp8_pairs_by_permutes(lo, byte, OUT_DTYPE: tl.constexpr):
+    """``_expand_pairs`` for FP8 values converted to OUT_DTYPE (bf16 or fp16) from the raw words of
+    ``_load_pair_words`` (``lo`` int32, four e4m3 bytes; ``byte`` int32): NVIDIA GPUs only, like
+    ``_expand_pairs_by_permutes``."""
+    if OUT_DTYPE == tl.bfloat16:
+        w = tl.inline_asm_elementwise(_EXPAND_FP8_PAIR_PTX_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [lo, byte],
+                                      dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    else:
+        w = tl.inline_asm_elementwise(_EXPAND_FP8_PAIR_PTX_F16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [lo, byte],
+                                      dtype=(tl.int16,) * 8, is_pure=True, pack=1)
     return _interleave_pairs(w[0].to(OUT_DTYPE, bitcast=True), w[1].to(OUT_DTYPE, bitcast=True),
                              w[2].to(OUT_DTYPE, bitcast=True), w[3].to(OUT_DTYPE, bitcast=True),
                              w[4].to(OUT_DTYPE, bitcast=True), w[5].to(OUT_DTYPE, bitcast=True),

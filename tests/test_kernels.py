@@ -13,7 +13,8 @@ import torch
 
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import fp8_round, fp8_scales, pack
-from vllm_spense.kernels.spense_gemm import (_EXPAND_PAIR_PTX, BATCHED_DECODE_MMA, DECODE_GEMV,
+from vllm_spense.kernels.spense_gemm import (_EXPAND_FP8_PAIR_PTX_BF16, _EXPAND_FP8_PAIR_PTX_F16, _EXPAND_PAIR_PTX,
+                                             BATCHED_DECODE_MMA, DECODE_GEMV,
                                              FP8_PREFILL, MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
                                              choose_config, expand_weight, mma_tiles, permute_columns, spense_gemm)
 
@@ -93,16 +94,26 @@ def test_permuted_activations_are_x_at_channel_perm(dtype, m, generator):
     assert torch.equal(permuted[:m], x[:, gemm_weight.channel_perm.long()])
 
 
-def _run_expand_pair_ptx(pair_word: int, meta_byte: int) -> list[int]:
-    """The shipped PTX of ``_expand_pairs_by_permutes`` executed instruction by instruction in Python (its
-    ops only: mov, shl, shr, and, xor, prmt on 32-bit registers), returning its eight 16-bit outputs."""
+def _packed_fma(a: int, b: int, c: int, dtype: torch.dtype) -> int:
+    """``fma.rn.{bf16,f16}x2``: a * b + c on each 16-bit half, computed in fp64 and rounded once to dtype."""
+    halves = [torch.tensor([(v >> shift) & 0xFFFF for v in (a, b, c)], dtype=torch.int32).to(torch.int16).view(dtype)
+              for shift in (0, 16)]
+    results = [(h[0].double() * h[1].double() + h[2].double()).to(dtype).view(torch.int16).item() & 0xFFFF
+               for h in halves]
+    return results[0] | results[1] << 16
+
+
+def _run_expand_pair_ptx(pair_word: int, meta_byte: int, ptx: str = _EXPAND_PAIR_PTX.value) -> list[int]:
+    """The shipped PTX of ``_expand_pairs_by_permutes`` (or of its FP8 version) executed instruction by
+    instruction in Python (its ops only: mov, shl, shr, and, or, xor, prmt on 32-bit registers, fma on
+    bf16x2 / f16x2), returning its eight 16-bit outputs."""
     regs = {"$8": pair_word, "$9": meta_byte}
     outputs = {}
 
     def value(token):
         return regs[token] if token in regs else int(token, 0)
 
-    for line in _EXPAND_PAIR_PTX.value.splitlines():
+    for line in ptx.splitlines():
         line = line.strip().rstrip(";")
         if not line or line in "{}" or line.startswith(".reg"):
             continue
@@ -129,6 +140,10 @@ def _run_expand_pair_ptx(pair_word: int, meta_byte: int) -> list[int]:
             result = operands[0] & operands[1]
         elif op == "xor.b32":
             result = operands[0] ^ operands[1]
+        elif op == "or.b32":
+            result = operands[0] | operands[1]
+        elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
+            result = _packed_fma(*operands, torch.bfloat16 if "bf16" in op else torch.float16)
         elif op == "prmt.b32":  # bytes of {b, a} picked by the low four nibbles of c
             pool = [(operands[0] >> 8 * i) & 0xFF for i in range(4)] + [(operands[1] >> 8 * i) & 0xFF for i in range(4)]
             result = sum(pool[(operands[2] >> 4 * i) & 0x7] << 8 * i for i in range(4))
@@ -151,6 +166,33 @@ def test_byte_permute_expansion_places_every_kept_value(generator):
         expected = [0] * 8
         expected[a0], expected[a1], expected[4 + b0], expected[4 + b1] = values
         assert _run_expand_pair_ptx(word, byte) == expected, f"metadata byte {byte:#04x}"
+
+
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_fp8_byte_permute_expansion_places_and_converts_every_value(out_dtype, generator):
+    """The FP8 version (inline PTX) against torch's own e4m3 conversion: every valid metadata byte of a
+    group pair with random kept values, then every non-NaN e4m3 byte (subnormals, -0 and 448 included) in
+    each of the four kept slots; zeros at the pruned positions."""
+    ptx = (_EXPAND_FP8_PAIR_PTX_BF16 if out_dtype == torch.bfloat16 else _EXPAND_FP8_PAIR_PTX_F16).value
+    finite = [b for b in range(256) if b & 0x7F != 0x7F]  # 0x7F and 0xFF are e4m3's NaNs
+
+    def converted(byte_values):
+        values = torch.tensor(byte_values, dtype=torch.uint8).view(torch.float8_e4m3fn).to(out_dtype)
+        return [v & 0xFFFF for v in values.view(torch.int16).tolist()]
+
+    def check(byte_values, meta):
+        (a0, a1), (b0, b1) = (meta & 3, meta >> 2 & 3), (meta >> 4 & 3, meta >> 6 & 3)
+        expected = [0] * 8
+        expected[a0], expected[a1], expected[4 + b0], expected[4 + b1] = converted(byte_values)
+        word = sum(b << 8 * i for i, b in enumerate(byte_values))
+        assert _run_expand_pair_ptx(word, meta, ptx) == expected, f"bytes {byte_values}, metadata {meta:#04x}"
+
+    valid = [m for m in range(256) if (m & 3) < (m >> 2 & 3) and (m >> 4 & 3) < (m >> 6 & 3)]
+    for meta in valid:
+        check([finite[i] for i in torch.randint(len(finite), (4,), generator=generator).tolist()], meta)
+    for start in range(0, len(finite), 4):
+        chunk = (finite[start:start + 4] + finite[:4])[:4]
+        check(chunk, valid[torch.randint(len(valid), (1,), generator=generator).item()])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
