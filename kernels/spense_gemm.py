@@ -134,7 +134,7 @@ def _spense_gemm_kernel(
     AFTER_PREVIOUS: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
 ):
     """With ``BYTE_PERMUTES`` (NVIDIA GPUs) 2:4 values are expanded by ``_expand_pairs_by_permutes`` (16-bit
-    values) or ``_expand_fp8_pairs_by_permutes`` (FP8 values times bf16 or fp16 x).
+    values, and FP8 values times bf16 or fp16 x).
     FP8 values (``w_scale_ptr`` set) are converted to x's dtype after loading (W8A16), or, with x itself
     quantized per row to FP8 (``x_scale_ptr`` set), multiplied as FP8 on the tensor cores (W8A8); the
     scales multiply the accumulator once, at the store."""
@@ -185,7 +185,7 @@ def _spense_gemm_kernel(
         elif BYTE_PERMUTES and (value_dtype == tl.bfloat16 or value_dtype == tl.float16):
             w = _expand_pairs_by_permutes(lo, byte, x_ptr.dtype.element_ty)
         elif BYTE_PERMUTES and value_dtype == tl.float8e4nv and x_ptr.dtype.element_ty != tl.float32:
-            w = _expand_fp8_pairs_by_permutes(lo, byte, x_ptr.dtype.element_ty)
+            w = _expand_pairs_by_permutes(lo, byte, x_ptr.dtype.element_ty, FP8=True)
         else:
             w = _expand_pairs(*_decode_pairs(lo, hi, byte, value_dtype, x_ptr.dtype.element_ty))
         cols = KD + 8 * p0 + offs_c
@@ -364,24 +364,15 @@ _EXPAND_FP8_PAIR_PTX_F16 = tl.constexpr(_fp8_expand_pair_ptx(1, 0x3F803F80, "f16
 
 
 @triton.jit
-def _expand_pairs_by_permutes(lo, byte, OUT_DTYPE: tl.constexpr):
-    """``_expand_pairs`` for 16-bit values straight from the raw words of ``_load_pair_words`` (``lo`` int64,
-    ``byte`` int32), with the byte permutes above: NVIDIA GPUs only (inline PTX; the CPU interpreter and
-    other values take ``_decode_pairs`` + ``_expand_pairs``)."""
-    w = tl.inline_asm_elementwise(_EXPAND_PAIR_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,l,r", [lo, byte],
-                                  dtype=(tl.int16,) * 8, is_pure=True, pack=1)
-    return _interleave_pairs(w[0].to(OUT_DTYPE, bitcast=True), w[1].to(OUT_DTYPE, bitcast=True),
-                             w[2].to(OUT_DTYPE, bitcast=True), w[3].to(OUT_DTYPE, bitcast=True),
-                             w[4].to(OUT_DTYPE, bitcast=True), w[5].to(OUT_DTYPE, bitcast=True),
-                             w[6].to(OUT_DTYPE, bitcast=True), w[7].to(OUT_DTYPE, bitcast=True))
-
-
-@triton.jit
-def _expand_fp8_pairs_by_permutes(lo, byte, OUT_DTYPE: tl.constexpr):
-    """``_expand_pairs`` for FP8 values converted to OUT_DTYPE (bf16 or fp16) from the raw words of
-    ``_load_pair_words`` (``lo`` int32, four e4m3 bytes; ``byte`` int32): NVIDIA GPUs only, like
-    ``_expand_pairs_by_permutes``."""
-    if OUT_DTYPE == tl.bfloat16:
+def _expand_pairs_by_permutes(lo, byte, OUT_DTYPE: tl.constexpr, FP8: tl.constexpr = False):
+    """``_expand_pairs`` straight from the raw words of ``_load_pair_words`` with the byte permutes above:
+    16-bit values (``lo`` int64), or with ``FP8`` e4m3 values converted to OUT_DTYPE, bf16 or fp16 (``lo``
+    int32, four bytes); ``byte`` int32. NVIDIA GPUs only (inline PTX; the CPU interpreter and other values
+    take ``_decode_pairs`` + ``_expand_pairs``)."""
+    if not FP8:
+        w = tl.inline_asm_elementwise(_EXPAND_PAIR_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,l,r", [lo, byte],
+                                      dtype=(tl.int16,) * 8, is_pure=True, pack=1)
+    elif OUT_DTYPE == tl.bfloat16:
         w = tl.inline_asm_elementwise(_EXPAND_FP8_PAIR_PTX_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [lo, byte],
                                       dtype=(tl.int16,) * 8, is_pure=True, pack=1)
     else:
