@@ -347,6 +347,7 @@ fma.rn.{dtype}x2 r, r, {power}, {negative_zero};"""
 
 
 def _fp8_expand_pair_ptx(shift: int, bits: int, dtype: str, power: int) -> str:
+    """The FP8 pair expansion for one output type: its shift and exponent-mantissa mask, PTX type, 2^bias."""
     convert = _FP8_CONVERT_PTX.format(shift=shift, bits=hex(bits), dtype=dtype, power="k", negative_zero="z")
     return ("{\n.reg .b32 c0, c1, t0, t1, s, r, k, z;\n" + f"mov.b32 k, {hex(power)};\nmov.b32 z, 0x80008000;"
             + "\nmov.b32 c0, 0x40;\nmov.b32 c1, 0x50;"
@@ -729,8 +730,9 @@ def fp8_mma_tiles(m: int, n: int, k: int) -> KernelConfig:
     whose longer K steps without split suit 1-byte values (``mma_tiles``' shorter steps and split-K cost the
     8B qkv and down 16-35% at 2-16 rows, its 32-row tiles qkv 6% at 32). Against the W8A8 expansion
     path used before at 65-256 rows, the swap took 0.42-0.69x the time on the 8B shapes at 96-128 rows and
-    0.83x / 0.94x summed over the four at 192 / 256 rows, where o and down alone lost up to 38%
-    (H200, ab_fp8_mid_m_h200.json)."""
+    0.83x / 0.94x summed over the four at 192 / 256 rows, where o and down alone lost up to 38% (H200,
+    ab_fp8_mid_m_h200.json); with the FP8 byte permutes since, down ties that path at 256 rows and o beats it
+    (ab_fp8_permutes_h200.json)."""
     tiles = mma_tiles(m, n, k)
     return tiles if tiles.swap_ab or (tiles.block_m > 16 and n >= 12288) else BATCHED_DECODE_MMA
 
