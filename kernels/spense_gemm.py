@@ -307,7 +307,8 @@ def _interleave_pairs(w0, w1, w2, w3, w4, w5, w6, w7):
 # i0 and 0x32 at byte i1 (two shifts and two xors). On sm_90 this took the MMA kernel's 2:4 loop from 1024
 # to 701 SASS instructions a step (docs/KERNELS.md).
 # One group: its selector from the metadata byte's two indices (``shift`` takes index i to 8 * i in bits 3-4),
-# then the two permutes, from the group's half of the pair word, into outputs ``out`` .. ``out + 3``.
+# then the two permutes, from the group's half of the pair word (each followed by ``convert``: FP8 values), into
+# outputs ``out`` .. ``out + 3``.
 _GROUP_PTX = """
 {shift_i0} t0, $9, {by_i0};
 and.b32 t0, t0, 0x18;
@@ -323,14 +324,21 @@ shr.b32 s, s, 16;
 prmt.b32 r, {word}, 0, s;{convert}
 mov.b32 {{${out2}, ${out3}}}, r;
 """
+
+
+def _pair_ptx(words: tuple[str, str], convert: str = "", before: tuple[str, str] = ("", "")) -> str:
+    """Both groups of a pair: group 2p's indices in bits 0-1 and 2-3 of the metadata byte, into outputs 0-3;
+    group 2p + 1's in bits 4-7, into outputs 4-7; each from its word, with ``before`` ahead of it."""
+    return (before[0] + _GROUP_PTX.format(shift_i0="shl.b32", by_i0=3, shift_i1="shl.b32", by_i1=1, word=words[0],
+                                          out0=0, out1=1, out2=2, out3=3, convert=convert)
+            + before[1] + _GROUP_PTX.format(shift_i0="shr.b32", by_i0=1, shift_i1="shr.b32", by_i1=3,
+                                            word=words[1], out0=4, out1=5, out2=6, out3=7, convert=convert))
+
+
+# 16-bit values: group 2p's two values in the pair word's low half, group 2p + 1's in its high half.
 _EXPAND_PAIR_PTX = tl.constexpr(
     "{\n.reg .b32 wa, wb, c0, c1, t0, t1, s, r;\nmov.b64 {wa, wb}, $8;\nmov.b32 c0, 0x54;\nmov.b32 c1, 0x76;"
-    # group 2p: indices in bits 0-1 and 2-3, values in the word's low half; group 2p + 1: bits 4-7, high half
-    + _GROUP_PTX.format(shift_i0="shl.b32", by_i0=3, shift_i1="shl.b32", by_i1=1, word="wa", out0=0, out1=1, out2=2,
-                        out3=3, convert="")
-    + _GROUP_PTX.format(shift_i0="shr.b32", by_i0=1, shift_i1="shr.b32", by_i1=3, word="wb", out0=4, out1=5, out2=6,
-                        out3=7, convert="")
-    + "}")
+    + _pair_ptx(("wa", "wb")) + "}")
 
 # The same for FP8 values (W8A16): the pair's four e4m3 bytes are one 32-bit word, and each permute puts a
 # kept byte in the high byte of its 16-bit position (selector 0x04 / 0x14 for group 2p's first / second
@@ -350,12 +358,8 @@ def _fp8_expand_pair_ptx(shift: int, bits: int, dtype: str, power: int) -> str:
     """The FP8 pair expansion for one output type: its shift and exponent-mantissa mask, PTX type, 2^bias."""
     convert = _FP8_CONVERT_PTX.format(shift=shift, bits=hex(bits), dtype=dtype, power="k", negative_zero="z")
     return ("{\n.reg .b32 c0, c1, t0, t1, s, r, k, z;\n" + f"mov.b32 k, {hex(power)};\nmov.b32 z, 0x80008000;"
-            + "\nmov.b32 c0, 0x40;\nmov.b32 c1, 0x50;"
-            + _GROUP_PTX.format(shift_i0="shl.b32", by_i0=3, shift_i1="shl.b32", by_i1=1, word="$8", out0=0, out1=1,
-                                out2=2, out3=3, convert=convert)
-            + "mov.b32 c0, 0x60;\nmov.b32 c1, 0x70;"
-            + _GROUP_PTX.format(shift_i0="shr.b32", by_i0=1, shift_i1="shr.b32", by_i1=3, word="$8", out0=4, out1=5,
-                                out2=6, out3=7, convert=convert)
+            + _pair_ptx(("$8", "$8"), convert, ("\nmov.b32 c0, 0x40;\nmov.b32 c1, 0x50;",
+                                                 "mov.b32 c0, 0x60;\nmov.b32 c1, 0x70;"))
             + "}")
 
 
