@@ -495,6 +495,9 @@ def _spense_gemv_kernel(
     # Each step's weights are loaded at the end of the step before: as plain loads into registers, which
     # measured faster than the loads inside the step, which Triton's pipeliner stages through shared memory.
     step = SPLIT_K * BLOCK_Q
+    # The first 2:4 step's loads are issued before the dense loop too, so they travel while it runs.
+    lo_s, hi_s, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, word_rows, meta_rows, perm_ptr, mask_n3, KD,
+                                                         GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
     acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_Q), dtype=tl.float32)
     lo, hi, x_quads = _gemv_dense_load(pid_k * BLOCK_Q, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
                                        GATHER_X)
@@ -506,8 +509,7 @@ def _spense_gemv_kernel(
                                            GATHER_X)
     step = SPLIT_K * BLOCK_P
     acc_s = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_P), dtype=tl.float32)
-    lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, word_rows, meta_rows, perm_ptr, mask_n3, KD,
-                                                     GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
+    lo, hi = lo_s, hi_s
     for p0 in range(pid_k * BLOCK_P, GP, step):
         acc_s = _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m3, GP, VALUE_DTYPE, X_DTYPE,
                                  BLOCK_P)
@@ -683,9 +685,10 @@ class KernelConfig:
     swap_ab: bool = False  # mma only: multiply W @ x^T (W's rows on the MMA's wide side) and store transposed
 
 
-# Decode, one row: the CUDA-core kernel, 4 rows x (256 dense columns, 256 2:4 groups) per step, x read
-# through channel_perm in the kernel (no permuted copy); the best tiles of sweep_gemv_quads_h100.json.
-DECODE_GEMV = KernelConfig(1, 4, 256, 256, 1, 4, 3, "gemv", gather_x=True)
+# Decode, one row: the CUDA-core kernel, 4 rows x (512 dense columns, 256 2:4 groups) per step, x read
+# through channel_perm in the kernel (no permuted copy); the best of 60 tile configs on an H200
+# (sweep_gemv_steps_h200.json; 256 dense columns had been the best of 30 on an H100, sweep_gemv_quads_h100.json).
+DECODE_GEMV = KernelConfig(1, 4, 512, 256, 1, 4, 3, "gemv", gather_x=True)
 # Batched decode: the fused MMA kernel up to MMA_MAX_M rows, tiles by ``mma_tiles`` (``fp8_mma_tiles`` for
 # FP8 values). Beyond, W expanded + cuBLAS won at 512 rows on the 32B/TP4 shards and at 1024 on every shape;
 # the 8B shapes still lost 5-40% to the MMA kernel at 512: sweep_mid_m2_h200.json, sweep_mid_m_tp4_h200.json.
