@@ -6,17 +6,22 @@ A layer holding the four Spense tensors (five with FP8 values), as vLLM's loader
 ``linear_kernel.process_weights_after_loading`` (validation, channel map) and ``linear_kernel.apply``
 (one ``torch.ops.spense.linear`` call): eagerly, under ``torch.compile(fullgraph=True)``, replayed from a
 CUDA graph with fresh inputs copied in, and through ``torch.library.opcheck``. Every output is compared
-with fp64 math on the reconstructed weight. Exits 1 on any failure.
+with fp64 math on the reconstructed weight. Then the load-time warm-up (``spense_gemm.warm_up``, what the
+plugin runs with the model's dtype): after it, every M from 1 to 300 must run without Triton compiling
+anything more. Exits 1 on any failure.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
+import triton
 
 from vllm_spense import linear_kernel
 from vllm_spense.format import fp8_scales, pack, unpack
+from vllm_spense.kernels.spense_gemm import MMA_MAX_M
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -25,9 +30,10 @@ MS = [1, 8, 100, 2048]
 GRAPH_MS = [1, 8]
 
 
-def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype,
-                 fp8: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A layer as vLLM's loaders leave it (FP8 values + weight_scale with ``fp8``) and its weight in fp64."""
+def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: bool = False,
+                 bias: bool = False, warm_up: bool = False) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A layer as vLLM's loaders leave it (FP8 values + weight_scale with ``fp8``, a ``bias`` parameter with
+    ``bias``), processed with the load-time warm-up with ``warm_up``, and its weight in fp64."""
     mask = torch.zeros(k // 128, 32, dtype=torch.bool, device="cuda")
     for chunk in mask:
         chunk[torch.randperm(32, device="cuda")[:dense_per_chunk]] = True
@@ -36,8 +42,12 @@ def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype,
     packed = pack(pruned, mask, 128, weight_scale=fp8_scales(pruned) if fp8 else None)
     layer = torch.nn.Module()
     linear_kernel.register_packed(layer, packed)
+    if bias:
+        layer.register_parameter("bias", torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype),
+                                                            requires_grad=False))
     linear_kernel.process_weights_after_loading(layer, [("layer", n)], chunk_size=128,
-                                                value_dtype=torch.float8_e4m3fn if fp8 else None)
+                                                value_dtype=torch.float8_e4m3fn if fp8 else None,
+                                                activation_dtype=dtype if warm_up else None)
     return layer, unpack(packed).double()
 
 
@@ -47,9 +57,41 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def compiled_variants() -> int:
+    """How many kernel variants Triton has compiled so far, over every Triton kernel of spense_gemm."""
+    from vllm_spense.kernels import spense_gemm
+
+    kernels = [value for value in vars(spense_gemm).values() if isinstance(value, triton.runtime.JITFunction)]
+    return sum(len(caches[0]) for kernel in kernels for caches in getattr(kernel, "device_caches", {}).values())
+
+
+def check_warm_up() -> tuple[list[str], int]:
+    """After the load-time warm-up, no M from 1 to 300 compiles anything; every output is still checked
+    (FP8 up to MMA_MAX_M rows: W8A8 beyond, see main). Table rows and the number of failures."""
+    rows, failures = [], 0
+    for dtype, fp8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
+        for label, (n, k, dense) in LAYERS.items():
+            name = f"{label}{' fp8' if fp8 else ''}"
+            before, start = compiled_variants(), time.perf_counter()
+            layer, weight = spense_layer(n, k, dense, dtype, fp8, bias=True, warm_up=True)
+            seconds, warmed, worst = time.perf_counter() - start, compiled_variants(), 0.0
+            for m in range(1, 301):
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                y = linear_kernel.apply(layer, x, layer.bias)
+                if not fp8 or m <= MMA_MAX_M:
+                    worst = max(worst, rel_err(y, x.double() @ weight.T + layer.bias.double()))
+            late = compiled_variants() - warmed
+            ok = late == 0 and worst < TOLERANCE[dtype]
+            failures += not ok
+            rows.append(f"| {str(dtype)[6:]} | {name} | warm-up ({warmed - before} variants compiled, {seconds:.1f} "
+                        f"s), then every M; {late} compiled after it | 1-300 | {worst:.2e} | "
+                        f"{'ok' if ok else 'FAIL'} |")
+    return rows, failures
+
+
 def main() -> int:
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    failures, rows = 0, []
+    rows, failures = check_warm_up()  # first, so that it counts what the warm-up itself compiles
 
     def record(dtype, name, mode, m, err):
         nonlocal failures

@@ -945,3 +945,24 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     if config.split_k > 1:
         result.copy_(acc)
     return result
+
+
+def warmup_row_counts(n: int, k: int, fp8: bool = False) -> list[int]:
+    """One row count M per compiled kernel variant ``spense_gemm`` can need for an ``[n, k]`` weight: each
+    config ``choose_config`` picks, with M a multiple of 16 and not (Triton specialises integer arguments
+    on it; M = 1 is the gemv's own config) and, for the MMA kernel, with and without padding to whole row
+    tiles (``PADDED_M``). Past ``MMA_MAX_M`` the prefill path's kernels do not take M at all."""
+    variants = {}
+    for m in range(1, MMA_MAX_M + 33):
+        config = choose_config(m, n, k, torch.device("cuda"), fp8)
+        variants.setdefault((config, m % 16 == 0, config.kernel == "mma" and m % config.block_m == 0), m)
+    return sorted(variants.values())
+
+
+def warm_up(weight: SpenseGemmWeight, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+    """Compile now every kernel variant this weight can take (``warmup_row_counts``), at load time and
+    outside any CUDA-graph capture, instead of at the first batch of each new size while serving: there a
+    compile stalls every request in flight (vLLM's JIT monitor warned of one in each serving run before).
+    Weights whose sizes share their divisibility share compiled kernels, so only the first layers pay."""
+    for m in warmup_row_counts(weight.n, weight.k, weight.is_fp8):
+        spense_gemm(torch.zeros(m, weight.k, device=weight.dense_weight.device, dtype=dtype), weight, bias)

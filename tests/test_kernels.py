@@ -16,7 +16,8 @@ from vllm_spense.format import fp8_round, fp8_scales, pack
 from vllm_spense.kernels.spense_gemm import (_EXPAND_FP8_PAIR_PTX_BF16, _EXPAND_FP8_PAIR_PTX_F16, _EXPAND_PAIR_PTX,
                                              BATCHED_DECODE_MMA, DECODE_GEMV,
                                              FP8_PREFILL, MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
-                                             choose_config, expand_weight, mma_tiles, permute_columns, spense_gemm)
+                                             choose_config, expand_weight, mma_tiles, permute_columns, spense_gemm,
+                                             warmup_row_counts)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # (N, K, chunk, dense groups per chunk): N never a multiple of the tile; pure 2:4 and rho = 0.5 included.
@@ -226,6 +227,25 @@ def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     assert choose_config(MMA_MAX_M, 4096, 4096, cpu) == mma_tiles(MMA_MAX_M, 4096, 4096)
     assert choose_config(MMA_MAX_M + 1, 4096, 4096, cpu) == UNPACK_AND_CUBLAS
     assert choose_config(4096, 4096, 4096, cpu) == UNPACK_AND_CUBLAS
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_warm_up_row_counts_cover_every_compiled_variant(fp8):
+    """Triton compiles a kernel per config, per specialisation of M (a multiple of 16 or not) and, for the MMA
+    kernel, per PADDED_M: every M an engine may send shares all three with one of the warm-up's row counts,
+    so nothing compiles after the load-time warm-up (check_plugin_gpu.py counts the compiles on the GPU)."""
+    cpu = torch.device("cpu")
+    for n, k in ((6144, 4096), (24576, 4096), (4096, 12288), (1000, 640), (2560, 5120), (5120, 6400)):
+        counts = warmup_row_counts(n, k, fp8)
+        assert counts[0] == 1 and len(counts) <= 20, counts
+
+        def variant(m):
+            config = choose_config(m, n, k, cpu, fp8)
+            return config, m % 16 == 0, config.kernel == "mma" and m % config.block_m == 0
+
+        warmed = {variant(m) for m in counts}
+        missing = [m for m in range(1, 4 * MMA_MAX_M) if variant(m) not in warmed]
+        assert not missing, (n, k, missing[:5])
 
 
 def test_bad_inputs_are_refused_before_launch():

@@ -31,12 +31,15 @@ def register_packed(layer: torch.nn.Module, packed: PackedSpenseWeight) -> None:
 
 
 def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str, int]], chunk_size: int,
-                                  value_dtype: torch.dtype | None = None) -> None:
+                                  value_dtype: torch.dtype | None = None,
+                                  activation_dtype: torch.dtype | None = None) -> None:
     """Validate the loaded tensors (shapes, mask balance, index values) and add ``channel_perm``.
 
     ``parts`` lists the checkpoint layers stacked in this one, ``(name, rows)`` in order (q, k, v for a
     merged qkv), so an error names the checkpoint tensor; ``value_dtype`` is the dtype an FP8 checkpoint
     fixes. Parameters are re-registered as plain ``Parameter``s so torch.compile sees ordinary tensors.
+    With ``activation_dtype`` (the model's dtype) and the tensors on a GPU, every kernel variant the layer
+    can take is compiled here (``spense_gemm.warm_up``), not while serving.
     """
     packed = packed_weight(layer)
     if value_dtype is not None and packed.dense_weight.is_cuda and torch.cuda.get_device_capability(
@@ -61,6 +64,12 @@ def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str,
         tensors[WEIGHT_SCALE] = packed.weight_scale.data.contiguous()
     for attr, data in tensors.items():
         layer.register_parameter(attr, torch.nn.Parameter(data, requires_grad=False))
+    if activation_dtype is not None and layer.dense_weight.is_cuda:
+        from vllm_spense.kernels.spense_gemm import SpenseGemmWeight, warm_up  # Triton: CUDA only
+
+        warm_up(SpenseGemmWeight.from_channel_perm(layer.dense_weight, layer.sparse_weight, layer.sparse_meta,
+                                                   layer.channel_perm, getattr(layer, WEIGHT_SCALE, None)),
+                activation_dtype, getattr(layer, "bias", None))
 
 
 def apply(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
