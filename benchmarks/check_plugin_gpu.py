@@ -2,13 +2,13 @@
 
     python benchmarks/check_plugin_gpu.py
 
-A layer holding the four Spense tensors (five with FP8 values), as vLLM's loaders leave it, goes through
+First the load-time warm-up (``spense_gemm.warm_up``, which the plugin runs with the model's dtype): after
+it, no M from 1 to 300 may make Triton compile anything more (each output checked too). Then a layer
+holding the four Spense tensors (five with FP8 values), as vLLM's loaders leave it, goes through
 ``linear_kernel.process_weights_after_loading`` (validation, channel map) and ``linear_kernel.apply``
 (one ``torch.ops.spense.linear`` call): eagerly, under ``torch.compile(fullgraph=True)``, replayed from a
 CUDA graph with fresh inputs copied in, and through ``torch.library.opcheck``. Every output is compared
-with fp64 math on the reconstructed weight. Then the load-time warm-up (``spense_gemm.warm_up``, what the
-plugin runs with the model's dtype): after it, every M from 1 to 300 must run without Triton compiling
-anything more. Exits 1 on any failure.
+with fp64 math on the reconstructed weight. Exits 1 on any failure.
 """
 
 from __future__ import annotations

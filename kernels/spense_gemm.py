@@ -496,8 +496,8 @@ def _spense_gemv_kernel(
     # measured faster than the loads inside the step, which Triton's pipeliner stages through shared memory.
     step = SPLIT_K * BLOCK_Q
     # The first 2:4 step's loads are issued before the dense loop too, so they travel while it runs.
-    lo_s, hi_s, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, word_rows, meta_rows, perm_ptr, mask_n3, KD,
-                                                         GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
+    lo_2_4, hi_2_4, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, word_rows, meta_rows, perm_ptr,
+                                                             mask_n3, KD, GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
     acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_Q), dtype=tl.float32)
     lo, hi, x_quads = _gemv_dense_load(pid_k * BLOCK_Q, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
                                        GATHER_X)
@@ -509,7 +509,7 @@ def _spense_gemv_kernel(
                                            GATHER_X)
     step = SPLIT_K * BLOCK_P
     acc_s = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_P), dtype=tl.float32)
-    lo, hi = lo_s, hi_s
+    lo, hi = lo_2_4, hi_2_4
     for p0 in range(pid_k * BLOCK_P, GP, step):
         acc_s = _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m3, GP, VALUE_DTYPE, X_DTYPE,
                                  BLOCK_P)
