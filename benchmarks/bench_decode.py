@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ModelConfig)
                  if getattr(args, f.name) is not None}
     cfg = dataclasses.replace(TINY if args.tiny else QWEN3_8B, **overrides)
-    max_positions = max(args.context + 1, *args.prefill)
+    max_positions = max([args.context + 1, *args.prefill])
     results = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "triton": _triton_version(), "dtype": str(dtype)[6:],

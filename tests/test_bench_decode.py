@@ -107,3 +107,13 @@ def test_script_runs_and_writes_every_figure(tmp_path):
     png = tmp_path / "decode.png"
     report_decode.plot(data, str(png))
     assert png.stat().st_size > 1000
+
+
+def test_decode_only_run_without_prefill_sizes(tmp_path):
+    """``--prefill`` with no sizes (decode figures only, as run on the GPU) used to fail sizing the RoPE tables."""
+    out = tmp_path / "decode_only.json"
+    assert bench_decode.main(["--device", "cpu", "--tiny", "--variants", "dense", "rho=0.25", "--batches", "2",
+                              "--context", "16", "--prefill", "--budget", "0.01", "--repeats", "1",
+                              "--json", str(out)]) == 0
+    variants = json.loads(out.read_text())["variants"]
+    assert variants["rho=0.25"]["decode"]["2"]["tokens_per_s"] > 0 and not variants["rho=0.25"].get("prefill")
