@@ -1,4 +1,4 @@
-"""Weights shared by the GPU benchmarks."""
+"""Weights and helpers shared by the GPU benchmarks and checks."""
 
 from __future__ import annotations
 
@@ -22,3 +22,6 @@ def spense_weight_for(weight: torch.Tensor, rho: float, fp8: bool = False) -> Sp
     return SpenseGemmWeight.from_packed(pack(pruned, mask, 128, weight_scale=fp8_scales(pruned) if fp8 else None))
 
 
+def compiled_variants(kernel) -> list:
+    """The variants Triton has compiled so far of one ``@triton.jit`` kernel, on every device."""
+    return [compiled for caches in getattr(kernel, "device_caches", {}).values() for compiled in caches[0].values()]

@@ -19,9 +19,10 @@ import time
 import torch
 import triton
 
+from benchmarks_common import compiled_variants
 from vllm_spense import linear_kernel
 from vllm_spense.format import fp8_scales, pack, unpack
-from vllm_spense.kernels.spense_gemm import MMA_MAX_M
+from vllm_spense.kernels import spense_gemm
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -57,12 +58,10 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def compiled_variants() -> int:
+def compiled_count() -> int:
     """How many kernel variants Triton has compiled so far, over every Triton kernel of spense_gemm."""
-    from vllm_spense.kernels import spense_gemm
-
     kernels = [value for value in vars(spense_gemm).values() if isinstance(value, triton.runtime.JITFunction)]
-    return sum(len(caches[0]) for kernel in kernels for caches in getattr(kernel, "device_caches", {}).values())
+    return sum(len(compiled_variants(kernel)) for kernel in kernels)
 
 
 def check_warm_up() -> tuple[list[str], int]:
@@ -72,15 +71,15 @@ def check_warm_up() -> tuple[list[str], int]:
     for dtype, fp8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
         for label, (n, k, dense) in LAYERS.items():
             name = f"{label}{' fp8' if fp8 else ''}"
-            before, start = compiled_variants(), time.perf_counter()
+            before, start = compiled_count(), time.perf_counter()
             layer, weight = spense_layer(n, k, dense, dtype, fp8, bias=True, warm_up=True)
-            seconds, warmed, worst = time.perf_counter() - start, compiled_variants(), 0.0
+            seconds, warmed, worst = time.perf_counter() - start, compiled_count(), 0.0
             for m in range(1, 301):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
                 y = linear_kernel.apply(layer, x, layer.bias)
-                if not fp8 or m <= MMA_MAX_M:
+                if not fp8 or m <= spense_gemm.MMA_MAX_M:
                     worst = max(worst, rel_err(y, x.double() @ weight.T + layer.bias.double()))
-            late = compiled_variants() - warmed
+            late = compiled_count() - warmed
             ok = late == 0 and worst < TOLERANCE[dtype]
             failures += not ok
             rows.append(f"| {str(dtype)[6:]} | {name} | warm-up ({warmed - before} variants compiled, {seconds:.1f} "

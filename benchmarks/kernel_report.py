@@ -18,13 +18,10 @@ import json
 import torch
 
 from bench_gemm import SHAPES, rotating_weights, timed
+from benchmarks_common import compiled_variants
 from vllm_spense.kernels import spense_gemm as sg
 
 SM_SHARED_BYTES = 228 * 1024  # shared memory per SM on Hopper (H100 / H200)
-
-
-def compiled_variants(kernel) -> list:
-    return [compiled for caches in getattr(kernel, "device_caches", {}).values() for compiled in caches[0].values()]
 
 
 def main() -> None:

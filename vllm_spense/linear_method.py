@@ -158,7 +158,6 @@ class SpenseLinearMethod(LinearMethodBase):
             scale._spense_init(self.prefix, WEIGHT_SCALE, shard_names, (torch.float32,))
             layer.register_parameter(WEIGHT_SCALE, scale)
         layer.spense_parts = list(zip(shard_names, output_partition_sizes, strict=True))
-        layer.spense_activation_dtype = params_dtype
 
     def _dense_groups_per_chunk(self, shard_names: list[str]) -> int:
         """This layer's dense groups per chunk (per-layer with an adaptive allocation); the parts of a merged
@@ -183,7 +182,7 @@ class SpenseLinearMethod(LinearMethodBase):
                 raise SpenseFormatError(f"layer {self.prefix}: tensors {missing} missing from the checkpoint")
         linear_kernel.process_weights_after_loading(layer, layer.spense_parts, self.quant_config.spense.chunk_size,
                                                     self.quant_config.spense.stored_value_dtype,
-                                                    layer.spense_activation_dtype)
+                                                    layer.params_dtype)  # vLLM's LinearBase: the model's dtype
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return linear_kernel.apply(layer, x, bias)
