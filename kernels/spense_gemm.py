@@ -962,7 +962,7 @@ def warmup_row_counts(n: int, k: int, fp8: bool = False) -> list[int]:
 def warm_up(weight: SpenseGemmWeight, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
     """Compile now every kernel variant this weight can take (``warmup_row_counts``), at load time and
     outside any CUDA-graph capture, instead of at the first batch of each new size while serving: there a
-    compile stalls every request in flight (vLLM's JIT monitor warned of one in each serving run before).
+    compile stalls every request in flight (vLLM's JIT monitor warned of one in H200 serving runs before).
     Weights whose sizes share their divisibility share compiled kernels, so only the first layers pay."""
     for m in warmup_row_counts(weight.n, weight.k, weight.is_fp8):
         spense_gemm(torch.zeros(m, weight.k, device=weight.dense_weight.device, dtype=dtype), weight, bias)
