@@ -131,8 +131,7 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = DEFAULT
                      if block_m <= max(32, rows)],
             "unpack": [UNPACK_AND_CUBLAS]}
         return [config for kernel in kernels for config in configs[kernel]]
-    steps = ((512, 256), (1024, 512), (1024, 1024), (2048, 1024)) if fp8 else \
-        ((256, 128), (256, 256), (512, 256), (512, 512), (1024, 512))
+    steps = ((512, 256), (1024, 256), (1024, 512), (2048, 512)) + (((2048, 1024),) if fp8 else ())
     return [KernelConfig(m, block_n, kd, g, 1, warps, 3, "gemv", gather_x=True)
             for block_n, (kd, g), warps in itertools.product((4, 8, 16), steps, (4, 8))]
 

@@ -7,12 +7,13 @@ every dense column and of every position of every 2:4 group, and ``channel_perm 
 
 Three paths, chosen by M in ``choose_config`` (inside ``spense_gemm``, which the vLLM custom op calls):
 
-M = 1 (``_spense_gemv_kernel``, ``DECODE_GEMV``): CUDA-core FMAs, 4 rows of W per program, no split-K.
+M = 1 (``_spense_gemv_kernel``, tiles by ``gemv_tiles``): CUDA-core FMAs (inline PTX on NVIDIA GPUs), 4 or 8
+rows of W per program, no split-K.
 ``x`` is read through ``channel_perm`` inside the kernel (a group is four consecutive input channels, so
 one index per group), which saves the separate permutation launch. Every tensor is read one word per four
 values (``quad_words``): a group's four activations, a dense group's four values, a pair of 2:4 groups'
 four kept values (with one metadata byte); the activation under each kept value is picked from its
-group's four with two selects.
+group's four by one byte permute per group (inline PTX; two selects per value elsewhere).
 
 M = 2 .. ``MMA_MAX_M`` (``_spense_gemm_kernel``, tiles by ``mma_tiles``): ``x`` is permuted once
 (``permute_columns``, one 8-byte word per 4-channel group) into a copy padded to whole row tiles (dense
@@ -390,15 +391,135 @@ def _expand_pairs_by_permutes(lo, byte, OUT_DTYPE: tl.constexpr, FP8: tl.constex
 
 
 @triton.jit
-def _gemv_x_quads(x_rows, quads, mask, weights, X_DTYPE: tl.constexpr):
-    """The four activations of each input quad ``quads`` (channels 4q .. 4q + 3) as fp32 tiles shaped and laid
-    out like ``weights`` (the step's weight words), from x seen as ``quad_words``: one 8-byte load per quad
-    instead of four 2-byte ones. The ``where`` is always true; it makes the compiler move each loaded word
-    into the weights' register layout once, instead of each of the four values unpacked from it (through
-    shared memory each time: 2-7% of the gemv's time at M = 1)."""
+def _gemv_x_words(x_rows, quads, mask, weights, X_DTYPE: tl.constexpr):
+    """The activation words of each input quad ``quads`` (channels 4q .. 4q + 3; ``_load_quads``) laid out like
+    ``weights`` (the step's weight words): one 8-byte load per quad instead of four 2-byte ones. The ``where``
+    is always true; it makes the compiler move each loaded word into the weights' register layout once,
+    instead of each of the four values unpacked from it (through shared memory each time: 2-7% of the gemv's
+    time at M = 1)."""
     lo, hi = _load_quads(x_rows, quads, mask, X_DTYPE)
     in_weights_layout = (weights | 1) != 0
-    return _unpack_quad(tl.where(in_weights_layout, lo, 0), tl.where(in_weights_layout, hi, 0), X_DTYPE, tl.float32)
+    return tl.where(in_weights_layout, lo, 0), tl.where(in_weights_layout, hi, 0)
+
+
+@triton.jit
+def _gemv_x_quads(x_rows, quads, mask, weights, X_DTYPE: tl.constexpr):
+    """The four activations of each input quad as fp32 tiles shaped and laid out like ``weights``
+    (``_gemv_x_words``)."""
+    lo, hi = _gemv_x_words(x_rows, quads, mask, weights, X_DTYPE)
+    return _unpack_quad(lo, hi, X_DTYPE, tl.float32)
+
+
+# The gemv's FMAs in inline PTX (NVIDIA GPUs), for bf16 or fp16 activations against values of their own dtype
+# or FP8 (e4m3) values. From Triton's own code the loops took 8.1 SASS instructions a dense value and 16.6 a
+# kept 2:4 value, mostly unpacking words and selecting activations; with this PTX (and the loads vectorised,
+# ``_spense_gemv_kernel``) 5.4 and 9.3 (bf16, 4 x 512 x 256 tiles, compiled for sm_90 with Triton 3.9 on a CPU
+# and disassembled; docs/KERNELS.md). A bf16 value becomes fp32 with one shift (low half of a word) or mask
+# (high half), an fp16 value with one cvt; two e4m3 values become an f16x2 word with one cvt (sm_89+).
+_TO_F32 = {"bf16": ("shl.b32 {out}, {word}, 16;", "and.b32 {out}, {word}, 0xffff0000;"),
+           "f16": ("{{ .reg .b16 l, h; mov.b32 {{l, h}}, {word}; cvt.f32.f16 {out}, l; }}",
+                   "{{ .reg .b16 l, h; mov.b32 {{l, h}}, {word}; cvt.f32.f16 {out}, h; }}")}
+
+
+def _fma_words_ptx(w_dtype: str, x_dtype: str, w: str, x: str, acc: str) -> str:
+    """``$0 = acc + w.lo * x.lo + w.hi * x.hi`` for two 32-bit words of two 16-bit values each."""
+    (w_low, w_high), (x_low, x_high) = _TO_F32[w_dtype], _TO_F32[x_dtype]
+    return "\n".join((w_low.format(out="f", word=w), x_low.format(out="g", word=x), f"fma.rn.f32 $0, f, g, {acc};",
+                      w_high.format(out="f", word=w), x_high.format(out="g", word=x), "fma.rn.f32 $0, f, g, $0;"))
+
+
+def _weight_words_ptx(value: str, words: tuple[str, str], source: str) -> tuple[str, str]:
+    """PTX that puts four values (``source``: an int64 of 16-bit values, or an int32 of e4m3 bytes) into two
+    32-bit words of two 16-bit values each, and the dtype of those words."""
+    if value == "e4m3":
+        return ("{{ .reg .b16 l, h; mov.b32 {{l, h}}, {source}; cvt.rn.f16x2.e4m3x2 {w0}, l; "
+                "cvt.rn.f16x2.e4m3x2 {w1}, h; }}").format(source=source, w0=words[0], w1=words[1]), "f16"
+    return f"mov.b64 {{{words[0]}, {words[1]}}}, {source};", value
+
+
+def _gemv_dense_ptx(value: str, x_dtype: str) -> str:
+    """One dense quad: ``$0 = $1 + <$2, $3>``, the quad's four values ``$2`` and activations ``$3`` (int64)."""
+    load_w, w_dtype = _weight_words_ptx(value, ("w0", "w1"), "$2")
+    return ("{\n.reg .b32 w0, w1, x0, x1, f, g;\n" + load_w + "\nmov.b64 {x0, x1}, $3;\n"
+            + _fma_words_ptx(w_dtype, x_dtype, "w0", "x0", "$1") + "\n"
+            + _fma_words_ptx(w_dtype, x_dtype, "w1", "x1", "$0") + "\n}")
+
+
+# A pair of 2:4 groups: ``$0 = $1 +`` the four kept values (``$2``: group 2p's two, then group 2p + 1's)
+# times the activations under them, picked by one byte permute a group from the group's activation quad
+# (``$4``, ``$5``, int64) by the metadata byte ``$3`` (indices i0, i1 of group 2p in bits 0-1 and 2-3, of group
+# 2p + 1 in bits 4-5 and 6-7). The selector takes bytes 2 * i0, 2 * i0 + 1, 2 * i1, 2 * i1 + 1 of the quad:
+# 0x22 * (i0 + 256 * i1) + 0x1010.
+_GEMV_PAIR_SELECTORS_PTX = """
+shl.b32 t, $3, 6;
+or.b32 t, t, $3;
+and.b32 t, t, 0x303;
+mad.lo.u32 s, t, 0x22, 0x1010;
+prmt.b32 pa, xa0, xa1, s;
+shr.b32 t, $3, 4;
+shl.b32 s, $3, 2;
+or.b32 t, t, s;
+and.b32 t, t, 0x303;
+mad.lo.u32 s, t, 0x22, 0x1010;
+prmt.b32 pb, xb0, xb1, s;
+"""
+
+
+def _gemv_pair_ptx(value: str, x_dtype: str) -> str:
+    """One 2:4 pair (above) for values ``value`` against activations ``x_dtype``."""
+    load_w, w_dtype = _weight_words_ptx(value, ("wa", "wb"), "$2")
+    return ("{\n.reg .b32 wa, wb, xa0, xa1, xb0, xb1, t, s, pa, pb, f, g;\n" + load_w
+            + "\nmov.b64 {xa0, xa1}, $4;\nmov.b64 {xb0, xb1}, $5;" + _GEMV_PAIR_SELECTORS_PTX
+            + _fma_words_ptx(w_dtype, x_dtype, "wa", "pa", "$1") + "\n"
+            + _fma_words_ptx(w_dtype, x_dtype, "wb", "pb", "$0") + "\n}")
+
+
+_GEMV_DENSE_PTX_BF16 = tl.constexpr(_gemv_dense_ptx("bf16", "bf16"))
+_GEMV_DENSE_PTX_F16 = tl.constexpr(_gemv_dense_ptx("f16", "f16"))
+_GEMV_DENSE_PTX_E4M3_BF16 = tl.constexpr(_gemv_dense_ptx("e4m3", "bf16"))
+_GEMV_DENSE_PTX_E4M3_F16 = tl.constexpr(_gemv_dense_ptx("e4m3", "f16"))
+_GEMV_PAIR_PTX_BF16 = tl.constexpr(_gemv_pair_ptx("bf16", "bf16"))
+_GEMV_PAIR_PTX_F16 = tl.constexpr(_gemv_pair_ptx("f16", "f16"))
+_GEMV_PAIR_PTX_E4M3_BF16 = tl.constexpr(_gemv_pair_ptx("e4m3", "bf16"))
+_GEMV_PAIR_PTX_E4M3_F16 = tl.constexpr(_gemv_pair_ptx("e4m3", "f16"))
+
+
+@triton.jit
+def _gemv_dense_fma_ptx(acc, w, x, VALUE_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
+    """``acc`` plus the products of dense quads ``w`` (int64 of 16-bit values, int32 of FP8 ones) and their
+    activation quads ``x`` (int64)."""
+    if VALUE_DTYPE == tl.float8e4nv:
+        if X_DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_GEMV_DENSE_PTX_E4M3_BF16, "=f,f,r,l", [acc, w, x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(_GEMV_DENSE_PTX_E4M3_F16, "=f,f,r,l", [acc, w, x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+    elif X_DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(_GEMV_DENSE_PTX_BF16, "=f,f,l,l", [acc, w, x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_GEMV_DENSE_PTX_F16, "=f,f,l,l", [acc, w, x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_pair_fma_ptx(acc, w, byte, xa, xb, VALUE_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr):
+    """``acc`` plus the products of 2:4 pairs ``w`` (int64 of 16-bit values, int32 of FP8 ones), ``byte``
+    (int32) and their groups' activation quads ``xa``, ``xb`` (int64)."""
+    if VALUE_DTYPE == tl.float8e4nv:
+        if X_DTYPE == tl.bfloat16:
+            return tl.inline_asm_elementwise(_GEMV_PAIR_PTX_E4M3_BF16, "=f,f,r,r,l,l", [acc, w, byte, xa, xb],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(_GEMV_PAIR_PTX_E4M3_F16, "=f,f,r,r,l,l", [acc, w, byte, xa, xb],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+    elif X_DTYPE == tl.bfloat16:
+        return tl.inline_asm_elementwise(_GEMV_PAIR_PTX_BF16, "=f,f,l,r,l,l", [acc, w, byte, xa, xb],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(_GEMV_PAIR_PTX_F16, "=f,f,l,r,l,l", [acc, w, byte, xa, xb],
+                                         dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -415,9 +536,13 @@ def _gemv_dense_load(q0, dense_rows, perm_ptr, mask_n, GD, VALUE_DTYPE: tl.const
 
 @triton.jit
 def _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m, GD, VALUE_DTYPE: tl.constexpr,
-                    X_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr):
-    """FMAs of one dense step (``_gemv_dense_load``) into the [BLOCK_M, BLOCK_N, BLOCK_Q] tile."""
+                    X_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, PTX: tl.constexpr):
+    """FMAs of one dense step (``_gemv_dense_load``) into the [BLOCK_M, BLOCK_N, BLOCK_Q] tile; with ``PTX``
+    by ``_gemv_dense_fma_ptx``."""
     x_mask = mask_m & (q0 + tl.arange(0, BLOCK_Q)[None, None, :] < GD)
+    if PTX:
+        x_lo, _ = _gemv_x_words(x_rows, x_quads, x_mask, lo, X_DTYPE)
+        return _gemv_dense_fma_ptx(acc_d, lo, x_lo, VALUE_DTYPE, X_DTYPE)
     x0, x1, x2, x3 = _gemv_x_quads(x_rows, x_quads, x_mask, lo, X_DTYPE)
     w0, w1, w2, w3 = _unpack_quad(lo, hi, VALUE_DTYPE, tl.float32)
     return acc_d + (x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3)
@@ -442,10 +567,15 @@ def _gemv_sparse_load(p0, word_rows, meta_rows, perm_ptr, mask_n, KD, GP, VALUE_
 
 @triton.jit
 def _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m, GP, VALUE_DTYPE: tl.constexpr,
-                     X_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr):
-    """FMAs of one 2:4 step (``_gemv_sparse_load``) into the [BLOCK_M, BLOCK_N, BLOCK_P] tile."""
-    a0, a1, ai0, ai1, b0, b1, bi0, bi1 = _decode_pairs(lo, hi, byte, VALUE_DTYPE, tl.float32)
+                     X_DTYPE: tl.constexpr, BLOCK_P: tl.constexpr, PTX: tl.constexpr):
+    """FMAs of one 2:4 step (``_gemv_sparse_load``) into the [BLOCK_M, BLOCK_N, BLOCK_P] tile; with ``PTX``
+    by ``_gemv_pair_fma_ptx``."""
     x_mask = mask_m & (p0 + tl.arange(0, BLOCK_P)[None, None, :] < GP)
+    if PTX:
+        xa, _ = _gemv_x_words(x_rows, quad_a, x_mask, lo, X_DTYPE)
+        xb, _ = _gemv_x_words(x_rows, quad_b, x_mask, lo, X_DTYPE)
+        return _gemv_pair_fma_ptx(acc_s, lo, byte, xa, xb, VALUE_DTYPE, X_DTYPE)
+    a0, a1, ai0, ai1, b0, b1, bi0, bi1 = _decode_pairs(lo, hi, byte, VALUE_DTYPE, tl.float32)
     xa0, xa1, xa2, xa3 = _gemv_x_quads(x_rows, quad_a, x_mask, lo, X_DTYPE)
     xb0, xb1, xb2, xb3 = _gemv_x_quads(x_rows, quad_b, x_mask, lo, X_DTYPE)
     return acc_s + (_pick_2_4(xa0, xa1, xa2, xa3, a0, a1, ai0, ai1) + _pick_2_4(xb0, xb1, xb2, xb3, b0, b1, bi0, bi1))
@@ -454,13 +584,13 @@ def _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m, GP
 @triton.jit
 def _spense_gemv_kernel(
     x_ptr, dense_w_ptr, sparse_w_ptr, meta_ptr, bias_ptr, out_ptr,
-    M, N, KD, GS,
+    M, N, GD, GP,
     stride_xm, stride_dwn, stride_swn, stride_metan, stride_om,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KD: tl.constexpr, BLOCK_G: tl.constexpr,
     VALUE_DTYPE: tl.constexpr, X_DTYPE: tl.constexpr, perm_ptr=None, GATHER_X: tl.constexpr = False,
     w_scale_ptr=None, DENSE_ALIGN: tl.constexpr = 16, WORDS_ALIGN: tl.constexpr = 16, META_ALIGN: tl.constexpr = 16,
-    AFTER_PREVIOUS: tl.constexpr = False,
+    AFTER_PREVIOUS: tl.constexpr = False, BYTE_PERMUTES: tl.constexpr = False,
 ):
     """Decode (M <= BLOCK_M, a few rows): CUDA-core FMAs, no MMA and so no register-layout conversions.
 
@@ -471,7 +601,12 @@ def _spense_gemv_kernel(
     count words. ``VALUE_DTYPE`` / ``X_DTYPE`` say what the words hold. FP8 values are converted to fp32 as
     loaded (W8A16) and scaled once at the store. With ``GATHER_X`` the kernel reads ``x`` in its own channel
     order through ``perm_ptr`` (channel_perm; a group's four channels are one quad of x) instead of a
-    permuted copy. The ``*_ALIGN`` are the row-stride hints of ``_spense_gemm_kernel``.
+    permuted copy. The ``*_ALIGN`` are the row-stride hints of ``_spense_gemm_kernel``. ``GD`` / ``GP`` are
+    the dense quads and 2:4 pairs of a row, passed rather than derived in the kernel so that Triton
+    specialises them on divisibility by 16: the column masks are then constant over a thread's words and the
+    weight loads become 16-byte (metadata 4-byte) vector loads. With ``BYTE_PERMUTES`` (NVIDIA GPUs) the FMAs
+    of bf16 / fp16 activations against values of their dtype or FP8 values are inline PTX, the 2:4
+    activations picked by byte permutes (``_gemv_pair_fma_ptx``).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -490,21 +625,21 @@ def _spense_gemv_kernel(
     x_rows = x_ptr + offs_m[:, None, None] * stride_xm
     BLOCK_Q: tl.constexpr = BLOCK_KD // 4
     BLOCK_P: tl.constexpr = BLOCK_G // 2
-    GD = KD // 4
-    GP = GS // 2
+    PTX: tl.constexpr = BYTE_PERMUTES and (X_DTYPE == tl.bfloat16 or X_DTYPE == tl.float16) and (
+        VALUE_DTYPE == X_DTYPE or VALUE_DTYPE == tl.float8e4nv)
     # Each step's weights are loaded at the end of the step before: as plain loads into registers, which
     # measured faster than the loads inside the step, which Triton's pipeliner stages through shared memory.
     step = SPLIT_K * BLOCK_Q
     # The first 2:4 step's loads are issued before the dense loop too, so they travel while it runs.
     lo_2_4, hi_2_4, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, word_rows, meta_rows, perm_ptr,
-                                                             mask_n3, KD, GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
+                                                             mask_n3, 4 * GD, GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
     acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_Q), dtype=tl.float32)
     lo, hi, x_quads = _gemv_dense_load(pid_k * BLOCK_Q, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
                                        GATHER_X)
     if AFTER_PREVIOUS:  # launched early: the first weights are on their way while the previous kernel ends
         tl.extra.cuda.gdc_wait()
     for q0 in range(pid_k * BLOCK_Q, GD, step):
-        acc_d = _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m3, GD, VALUE_DTYPE, X_DTYPE, BLOCK_Q)
+        acc_d = _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m3, GD, VALUE_DTYPE, X_DTYPE, BLOCK_Q, PTX)
         lo, hi, x_quads = _gemv_dense_load(q0 + step, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
                                            GATHER_X)
     step = SPLIT_K * BLOCK_P
@@ -512,8 +647,8 @@ def _spense_gemv_kernel(
     lo, hi = lo_2_4, hi_2_4
     for p0 in range(pid_k * BLOCK_P, GP, step):
         acc_s = _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m3, GP, VALUE_DTYPE, X_DTYPE,
-                                 BLOCK_P)
-        lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(p0 + step, word_rows, meta_rows, perm_ptr, mask_n3, KD, GP,
+                                 BLOCK_P, PTX)
+        lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(p0 + step, word_rows, meta_rows, perm_ptr, mask_n3, 4 * GD, GP,
                                                          VALUE_DTYPE, BLOCK_P, GATHER_X)
     acc = tl.sum(acc_d, axis=2) + tl.sum(acc_s, axis=2)
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
@@ -685,9 +820,9 @@ class KernelConfig:
     swap_ab: bool = False  # mma only: multiply W @ x^T (W's rows on the MMA's wide side) and store transposed
 
 
-# Decode, one row: the CUDA-core kernel, 4 rows x (512 dense columns, 256 2:4 groups) per step, x read
-# through channel_perm in the kernel (no permuted copy); the best of 60 tile configs on an H200
-# (sweep_gemv_steps_h200.json; 256 dense columns had been the best of 30 on an H100, sweep_gemv_quads_h100.json).
+# Decode, one row: the CUDA-core kernel, x read through channel_perm in the kernel (no permuted copy); tiles
+# by ``gemv_tiles``. This one (4 rows x (512 dense columns, 256 2:4 groups) a step) is the one for weights with
+# many rows.
 DECODE_GEMV = KernelConfig(1, 4, 512, 256, 1, 4, 3, "gemv", gather_x=True)
 # Batched decode: the fused MMA kernel up to MMA_MAX_M rows, tiles by ``mma_tiles`` (``fp8_mma_tiles`` for
 # FP8 values). Beyond, W expanded + cuBLAS won at 512 rows on the 32B/TP4 shards and at 1024 on every shape;
@@ -731,6 +866,33 @@ def mma_tiles(m: int, n: int, k: int) -> KernelConfig:
                                block_g=block_g, split_k=split_k)
 
 
+def gemv_tiles(n: int, k: int, multiprocessors: int, fp8: bool = False) -> KernelConfig:
+    """The gemv's tiles (M = 1) for an ``[n, k]`` weight on a GPU of ``multiprocessors`` SMs: rules fitted to
+    sweeps of 24-30 configs on bench_gemm.py's eight Qwen3 shapes on an H200 (sweep_gemv_ptx_h200.json,
+    sweep_gemv_ptx_fp8_h200.json), with the gemv's FMAs in PTX.
+
+    A program walks all of K for its rows with one step of weights in flight, so a GPU is busiest when every
+    program is resident at once (one wave, no tail): 8 programs an SM at 4 rows (56-64 registers a thread),
+    6 at 8 rows (80; ptxas on a CPU compile for sm_90). 16-bit values: 4 rows a program with 1024-column
+    steps where n / 4 programs fit in one wave (8B o and down), 8 rows where n / 8 do (8B qkv, 32B/TP4 o
+    and down), else 4 rows and 512 columns, the shortest tail (gate_up): 1.01x the best config's time
+    (geometric mean over the eight shapes). FP8 values: 8 rows, 1024-column steps, 512 for K <= 2048, about
+    1.05x the best."""
+    if fp8:
+        return dataclasses.replace(DECODE_GEMV, block_n=8, block_kd=1024 if k > 2048 else 512)
+    if triton.cdiv(n, 4) <= 8 * multiprocessors:
+        return dataclasses.replace(DECODE_GEMV, block_kd=1024)
+    return dataclasses.replace(DECODE_GEMV, block_n=8) if triton.cdiv(n, 8) <= 6 * multiprocessors else DECODE_GEMV
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessors(device: torch.device) -> int:
+    """The device's SM count; 132 (an H100 / H200) off CUDA, where only the CPU interpreter runs the kernels."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def fp8_mma_tiles(m: int, n: int, k: int) -> KernelConfig:
     """The MMA kernel's tiles for FP8 values (W8A16): ``mma_tiles``' swapped operands (past 48 rows, 32 for
     gate_up-sized weights) and its 32-row tiles for those weights at 17-32 rows; else ``BATCHED_DECODE_MMA``,
@@ -745,12 +907,12 @@ def fp8_mma_tiles(m: int, n: int, k: int) -> KernelConfig:
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False) -> KernelConfig:
-    """Kernel and tiles by M, N and K (the device does not change the choice today): the gemv kernel for one
-    row, the fused MMA kernel up to ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8
+    """Kernel and tiles by M, N and K: the gemv kernel for one row (``gemv_tiles``, by the device's SM count),
+    the fused MMA kernel up to ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8
     values), W expanded + one cuBLAS GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at decode
     and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
     if m == 1:
-        return DECODE_GEMV
+        return gemv_tiles(n, k, multiprocessors(device), fp8)
     if m <= MMA_MAX_M:
         return fp8_mma_tiles(m, n, k) if fp8 else mma_tiles(m, n, k)
     return FP8_PREFILL if fp8 and n % 16 == 0 and k % 16 == 0 else UNPACK_AND_CUBLAS
@@ -807,6 +969,13 @@ def _launches_early(device: torch.device) -> bool:
     then start while the kernel before it in the stream (vLLM's norm or activation, or our permutation)
     finishes, and waits for it (``gdc_wait``) only before reading x; every write comes after the wait."""
     return device.type == "cuda" and torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _converts_fp8(device: torch.device) -> bool:
+    """Whether the GPU converts e4m3 values in one instruction (``cvt.rn.f16x2.e4m3x2``, sm_89+), which the
+    gemv's inline PTX for FP8 values uses."""
+    return torch.cuda.get_device_capability(device) >= (8, 9)
 
 
 def _alignment(stride: int) -> int:
@@ -908,6 +1077,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
     padded = rows != m
     early = _launches_early(x.device)
+    byte_permutes = x.is_cuda and torch.version.hip is None  # inline PTX
     x_scale = None
     if gather:
         x_perm = x.contiguous()
@@ -926,20 +1096,21 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
             raise ValueError(f"spense_gemm: the gemv kernel takes M <= block_m={config.block_m}, found M={m}")
         x_words, dense_words = quad_words(x_perm), quad_words(weight.dense_weight)
         _spense_gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
-            x_words, dense_words, values, weight.sparse_meta, bias_arg, acc, m, n, kd, gs,
+            x_words, dense_words, values, weight.sparse_meta, bias_arg, acc, m, n, kd // 4, gs // 2,
             x_words.stride(0), dense_words.stride(0), values.stride(0), weight.sparse_meta.stride(0), acc.stride(0),
             HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles,
             VALUE_DTYPE=_TL_DTYPES[weight.dense_weight.dtype], X_DTYPE=_TL_DTYPES[x.dtype],
             perm_ptr=weight.channel_perm, GATHER_X=gather, w_scale_ptr=weight.weight_scale,
             DENSE_ALIGN=_alignment(dense_words.stride(0)), WORDS_ALIGN=_alignment(values.stride(0)),
-            META_ALIGN=_alignment(weight.sparse_meta.stride(0)))
+            META_ALIGN=_alignment(weight.sparse_meta.stride(0)),
+            BYTE_PERMUTES=byte_permutes and (not weight.is_fp8 or _converts_fp8(x.device)))
     else:
         _spense_gemm_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)](
             x_perm, weight.dense_weight, values, weight.sparse_meta, bias_arg, acc, m, n, kd, gs,
             x_perm.stride(0), weight.dense_weight.stride(0), values.stride(0), weight.sparse_meta.stride(0),
             acc.stride(0), HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
             FP32_DOT=x_perm.dtype == torch.float32, **tiles, PADDED_M=padded,
-            w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale, BYTE_PERMUTES=x.is_cuda and torch.version.hip is None,
+            w_scale_ptr=weight.weight_scale, x_scale_ptr=x_scale, BYTE_PERMUTES=byte_permutes,
             DENSE_ALIGN=_alignment(weight.dense_weight.stride(0)), WORDS_ALIGN=_alignment(values.stride(0)),
             META_ALIGN=_alignment(weight.sparse_meta.stride(0)), SWAP_AB=config.swap_ab)
     if config.split_k > 1:

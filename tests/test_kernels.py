@@ -7,6 +7,7 @@ script benchmarks/check_kernels_gpu.py covers bf16 and the real compiler.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -14,7 +15,10 @@ import torch
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import fp8_round, fp8_scales, pack
 from vllm_spense.kernels.spense_gemm import (_EXPAND_FP8_PAIR_PTX_BF16, _EXPAND_FP8_PAIR_PTX_F16, _EXPAND_PAIR_PTX,
-                                             BATCHED_DECODE_MMA, DECODE_GEMV,
+                                             _GEMV_DENSE_PTX_BF16, _GEMV_DENSE_PTX_E4M3_BF16, _GEMV_DENSE_PTX_E4M3_F16,
+                                             _GEMV_DENSE_PTX_F16, _GEMV_PAIR_PTX_BF16, _GEMV_PAIR_PTX_E4M3_BF16,
+                                             _GEMV_PAIR_PTX_E4M3_F16, _GEMV_PAIR_PTX_F16,
+                                             BATCHED_DECODE_MMA, DECODE_GEMV, gemv_tiles,
                                              FP8_PREFILL, MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
                                              choose_config, expand_weight, mma_tiles, permute_columns, spense_gemm,
                                              warmup_row_counts)
@@ -104,30 +108,37 @@ def _packed_fma(a: int, b: int, c: int, dtype: torch.dtype) -> int:
     return results[0] | results[1] << 16
 
 
-def _run_expand_pair_ptx(pair_word: int, meta_byte: int, ptx: str = _EXPAND_PAIR_PTX.value) -> list[int]:
-    """The shipped PTX of ``_expand_pairs_by_permutes`` (or of its FP8 version) executed instruction by
-    instruction in Python (its ops only: mov, shl, shr, and, or, xor, prmt on 32-bit registers, fma on
-    bf16x2 / f16x2), returning its eight 16-bit outputs."""
-    regs = {"$8": pair_word, "$9": meta_byte}
-    outputs = {}
+def _float_bits(value: float, dtype: torch.dtype) -> int:
+    bits = {torch.float32: torch.int32, torch.float16: torch.int16}[dtype]
+    mask = 0xFFFFFFFF if dtype == torch.float32 else 0xFFFF
+    return torch.tensor([value], dtype=torch.float64).to(dtype).view(bits).item() & mask
+
+
+def _bits_float(bits: int, dtype: torch.dtype) -> float:
+    if dtype == torch.float32:
+        return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+    return torch.tensor([bits], dtype=torch.int32).to(torch.int16).view(dtype).item()
+
+
+def _run_ptx(ptx: str, inputs: dict[str, int]) -> dict[str, int]:
+    """Shipped inline PTX executed instruction by instruction in Python, every register a 16- or 32-bit
+    pattern: the ops the kernels use (mov and word splits, shl, shr, and, or, xor, mad.lo, prmt, fma on
+    f32 / bf16x2 / f16x2, cvt f16 -> f32 and e4m3x2 -> f16x2). Returns the registers, outputs ``$i``."""
+    regs = dict(inputs)
 
     def value(token):
         return regs[token] if token in regs else int(token, 0)
 
-    for line in ptx.splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line in "{}" or line.startswith(".reg"):
+    for statement in re.split(r"[;\n]", ptx):
+        statement = statement.strip().strip("{}").strip()
+        if not statement or statement.startswith(".reg"):
             continue
-        op, args = line.split(None, 1)
-        if op == "mov.b64":  # mov.b64 {lo, hi}, $8
-            lo, hi = args[args.index("{") + 1:args.index("}")].replace(" ", "").split(",")
+        op, args = statement.split(None, 1)
+        if args.startswith("{"):  # mov.b64 / mov.b32 {lo, hi}, word: the word's two halves
+            lo, hi = args[1:args.index("}")].replace(" ", "").split(",")
+            bits = 32 if op == "mov.b64" else 16
             word = value(args.rsplit(",", 1)[1].strip())
-            regs[lo], regs[hi] = word & 0xFFFFFFFF, word >> 32
-            continue
-        if op == "mov.b32" and args.startswith("{"):  # mov.b32 {$a, $b}, r: two 16-bit outputs
-            a, b = args[1:args.index("}")].replace(" ", "").split(",")
-            word = value(args.rsplit(",", 1)[1].strip())
-            outputs[a], outputs[b] = word & 0xFFFF, word >> 16
+            regs[lo], regs[hi] = word & ((1 << bits) - 1), word >> bits
             continue
         dest, *sources = [t.strip() for t in args.split(",")]
         operands = [value(t) for t in sources]
@@ -143,15 +154,33 @@ def _run_expand_pair_ptx(pair_word: int, meta_byte: int, ptx: str = _EXPAND_PAIR
             result = operands[0] ^ operands[1]
         elif op == "or.b32":
             result = operands[0] | operands[1]
+        elif op == "mad.lo.u32":
+            result = operands[0] * operands[1] + operands[2]
         elif op in ("fma.rn.bf16x2", "fma.rn.f16x2"):
             result = _packed_fma(*operands, torch.bfloat16 if "bf16" in op else torch.float16)
+        elif op == "fma.rn.f32":
+            a, b, c = (_bits_float(v, torch.float32) for v in operands)
+            result = _float_bits(a * b + c, torch.float32)
+        elif op == "cvt.f32.f16":
+            result = _float_bits(_bits_float(operands[0], torch.float16), torch.float32)
+        elif op == "cvt.rn.f16x2.e4m3x2":  # the low byte into the low half
+            pair = torch.tensor([operands[0] & 0xFF, operands[0] >> 8], dtype=torch.uint8).view(torch.float8_e4m3fn)
+            halves = pair.to(torch.float16).view(torch.int16).tolist()
+            result = (halves[0] & 0xFFFF) | (halves[1] & 0xFFFF) << 16
         elif op == "prmt.b32":  # bytes of {b, a} picked by the low four nibbles of c
             pool = [(operands[0] >> 8 * i) & 0xFF for i in range(4)] + [(operands[1] >> 8 * i) & 0xFF for i in range(4)]
             result = sum(pool[(operands[2] >> 4 * i) & 0x7] << 8 * i for i in range(4))
         else:
             raise AssertionError(f"unexpected PTX op {op}")
         regs[dest] = result & 0xFFFFFFFF
-    return [outputs[f"${i}"] for i in range(8)]
+    return regs
+
+
+def _run_expand_pair_ptx(pair_word: int, meta_byte: int, ptx: str = _EXPAND_PAIR_PTX.value) -> list[int]:
+    """The PTX of ``_expand_pairs_by_permutes`` (or of its FP8 version) run by ``_run_ptx``: its eight 16-bit
+    outputs."""
+    regs = _run_ptx(ptx, {"$8": pair_word, "$9": meta_byte})
+    return [regs[f"${i}"] for i in range(8)]
 
 
 def test_byte_permute_expansion_places_every_kept_value(generator):
@@ -196,6 +225,46 @@ def test_fp8_byte_permute_expansion_places_and_converts_every_value(out_dtype, g
         check(chunk, valid[torch.randint(len(valid), (1,), generator=generator).item()])
 
 
+GEMV_PTX = {  # (values, activations): (the gemv's dense-quad PTX, its 2:4-pair PTX)
+    (torch.bfloat16, torch.bfloat16): (_GEMV_DENSE_PTX_BF16, _GEMV_PAIR_PTX_BF16),
+    (torch.float16, torch.float16): (_GEMV_DENSE_PTX_F16, _GEMV_PAIR_PTX_F16),
+    (torch.float8_e4m3fn, torch.bfloat16): (_GEMV_DENSE_PTX_E4M3_BF16, _GEMV_PAIR_PTX_E4M3_BF16),
+    (torch.float8_e4m3fn, torch.float16): (_GEMV_DENSE_PTX_E4M3_F16, _GEMV_PAIR_PTX_E4M3_F16)}
+
+
+@pytest.mark.parametrize("dtypes", list(GEMV_PTX), ids=lambda d: f"{str(d[0])[6:]}-x-{str(d[1])[6:]}")
+def test_gemv_ptx_fmas_match_fp64(dtypes, generator):
+    """The gemv's inline PTX (which the CPU interpreter cannot run), executed by ``_run_ptx``, against fp64:
+    a dense quad's four products, and a 2:4 pair's four kept values times the activations their metadata
+    byte picks, for every valid metadata byte, each added to a random fp32 accumulator."""
+    value_dtype, x_dtype = dtypes
+    dense_ptx, pair_ptx = (ptx.value for ptx in GEMV_PTX[dtypes])
+
+    def random_word(dtype, count=4):
+        """``count`` random values of ``dtype`` and their word (memory order, low bits first)."""
+        values = (torch.randn(count, generator=generator) * 2).to(dtype)
+        width = 8 if dtype == torch.float8_e4m3fn else 16
+        bits = values.view(torch.uint8 if width == 8 else torch.int16).tolist()
+        return values.double(), sum((b & (1 << width) - 1) << width * i for i, b in enumerate(bits))
+
+    def run(ptx, inputs, expected):
+        acc = torch.randn(1, generator=generator, dtype=torch.float64).float().double().item()
+        got = _bits_float(_run_ptx(ptx, {"$1": _float_bits(acc, torch.float32), **inputs})["$0"], torch.float32)
+        assert abs(got - (acc + expected)) <= 1e-6 * (abs(acc) + abs(expected) + 1), (inputs, got, acc + expected)
+
+    for _ in range(16):
+        w, w_word = random_word(value_dtype)
+        x, x_word = random_word(x_dtype)
+        run(dense_ptx, {"$2": w_word, "$3": x_word}, (w * x).sum().item())
+    valid = [m for m in range(256) if (m & 3) < (m >> 2 & 3) and (m >> 4 & 3) < (m >> 6 & 3)]
+    for meta in valid:
+        w, w_word = random_word(value_dtype)
+        (xa, xa_word), (xb, xb_word) = random_word(x_dtype), random_word(x_dtype)
+        expected = (w[0] * xa[meta & 3] + w[1] * xa[meta >> 2 & 3] + w[2] * xb[meta >> 4 & 3]
+                    + w[3] * xb[meta >> 6 & 3]).item()
+        run(pair_ptx, {"$2": w_word, "$3": meta, "$4": xa_word, "$5": xb_word}, expected)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_expanded_weight_is_the_weight_in_x_channel_order(shape, generator):
     """The prefill path's temporary, against the weight it was packed from (exact: values are only moved)."""
@@ -206,8 +275,12 @@ def test_expanded_weight_is_the_weight_in_x_channel_order(shape, generator):
 
 def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     cpu = torch.device("cpu")
-    assert choose_config(1, 4096, 4096, cpu) == DECODE_GEMV
     assert choose_config(2, 4096, 4096, cpu) == BATCHED_DECODE_MMA
+    # One row: the gemv's tiles by how many programs fit in one wave of a 132-SM GPU (gemv_tiles).
+    assert choose_config(1, 24576, 4096, cpu) == DECODE_GEMV  # many waves: 4 rows, 512-column steps
+    assert choose_config(1, 4096, 12288, cpu) == dataclasses.replace(DECODE_GEMV, block_kd=1024)  # 1024 programs
+    assert choose_config(1, 6144, 4096, cpu) == dataclasses.replace(DECODE_GEMV, block_n=8)  # 768 of 8 rows
+    assert gemv_tiles(6144, 4096, 264) == dataclasses.replace(DECODE_GEMV, block_kd=1024)  # twice the SMs
     # MMA tiles by shape (mma_tiles): long K split, very wide N in 64-column tiles; FP8 values keep 16-row
     # tiles without the split (fp8_mma_tiles).
     assert choose_config(8, 4096, 12288, cpu) == mma_tiles(8, 4096, 12288)
@@ -324,7 +397,8 @@ def test_fp8_expansion_is_the_weight_in_x_channel_order(generator):
 
 def test_fp8_dispatch_quantizes_x_only_at_prefill_on_cublaslt_shapes():
     cpu = torch.device("cpu")
-    assert choose_config(1, 4096, 4096, cpu, fp8=True) == DECODE_GEMV
+    assert choose_config(1, 4096, 4096, cpu, fp8=True) == dataclasses.replace(DECODE_GEMV, block_n=8, block_kd=1024)
+    assert choose_config(1, 5120, 2048, cpu, fp8=True) == dataclasses.replace(DECODE_GEMV, block_n=8)  # short K
     assert choose_config(48, 4096, 4096, cpu, fp8=True) == BATCHED_DECODE_MMA  # W8A16, 16-row tiles
     assert choose_config(32, 24576, 4096, cpu, fp8=True) == mma_tiles(32, 24576, 4096)  # 32-row tiles, wide W
     assert choose_config(MMA_MAX_M, 4096, 4096, cpu, fp8=True).swap_ab  # W8A16, swapped operands
