@@ -489,18 +489,12 @@ def _gemv_dense_fma_ptx(acc, w, x, VALUE_DTYPE: tl.constexpr, X_DTYPE: tl.conste
     """``acc`` plus the products of dense quads ``w`` (int64 of 16-bit values, int32 of FP8 ones) and their
     activation quads ``x`` (int64)."""
     if VALUE_DTYPE == tl.float8e4nv:
-        if X_DTYPE == tl.bfloat16:
-            return tl.inline_asm_elementwise(_GEMV_DENSE_PTX_E4M3_BF16, "=f,f,r,l", [acc, w, x], dtype=tl.float32,
-                                             is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(_GEMV_DENSE_PTX_E4M3_F16, "=f,f,r,l", [acc, w, x], dtype=tl.float32,
-                                             is_pure=True, pack=1)
-    elif X_DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise(_GEMV_DENSE_PTX_BF16, "=f,f,l,l", [acc, w, x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        asm: tl.constexpr = _GEMV_DENSE_PTX_E4M3_BF16 if X_DTYPE == tl.bfloat16 else _GEMV_DENSE_PTX_E4M3_F16
+        constraints: tl.constexpr = "=f,f,r,l"
     else:
-        return tl.inline_asm_elementwise(_GEMV_DENSE_PTX_F16, "=f,f,l,l", [acc, w, x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+        asm: tl.constexpr = _GEMV_DENSE_PTX_BF16 if X_DTYPE == tl.bfloat16 else _GEMV_DENSE_PTX_F16
+        constraints: tl.constexpr = "=f,f,l,l"
+    return tl.inline_asm_elementwise(asm, constraints, [acc, w, x], dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -508,18 +502,13 @@ def _gemv_pair_fma_ptx(acc, w, byte, xa, xb, VALUE_DTYPE: tl.constexpr, X_DTYPE:
     """``acc`` plus the products of 2:4 pairs ``w`` (int64 of 16-bit values, int32 of FP8 ones), ``byte``
     (int32) and their groups' activation quads ``xa``, ``xb`` (int64)."""
     if VALUE_DTYPE == tl.float8e4nv:
-        if X_DTYPE == tl.bfloat16:
-            return tl.inline_asm_elementwise(_GEMV_PAIR_PTX_E4M3_BF16, "=f,f,r,r,l,l", [acc, w, byte, xa, xb],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(_GEMV_PAIR_PTX_E4M3_F16, "=f,f,r,r,l,l", [acc, w, byte, xa, xb],
-                                             dtype=tl.float32, is_pure=True, pack=1)
-    elif X_DTYPE == tl.bfloat16:
-        return tl.inline_asm_elementwise(_GEMV_PAIR_PTX_BF16, "=f,f,l,r,l,l", [acc, w, byte, xa, xb],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        asm: tl.constexpr = _GEMV_PAIR_PTX_E4M3_BF16 if X_DTYPE == tl.bfloat16 else _GEMV_PAIR_PTX_E4M3_F16
+        constraints: tl.constexpr = "=f,f,r,r,l,l"
     else:
-        return tl.inline_asm_elementwise(_GEMV_PAIR_PTX_F16, "=f,f,l,r,l,l", [acc, w, byte, xa, xb],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        asm: tl.constexpr = _GEMV_PAIR_PTX_BF16 if X_DTYPE == tl.bfloat16 else _GEMV_PAIR_PTX_F16
+        constraints: tl.constexpr = "=f,f,l,r,l,l"
+    return tl.inline_asm_elementwise(asm, constraints, [acc, w, byte, xa, xb], dtype=tl.float32, is_pure=True,
+                                     pack=1)
 
 
 @triton.jit
