@@ -538,18 +538,18 @@ def _gemv_dense_fma(acc_d, q0, lo, hi, x_quads, x_rows, mask_m, GD, VALUE_DTYPE:
 
 
 @triton.jit
-def _gemv_sparse_load(p0, word_rows, meta_rows, perm_ptr, mask_n, KD, GP, VALUE_DTYPE: tl.constexpr,
+def _gemv_sparse_load(p0, word_rows, meta_rows, perm_ptr, mask_n, GD, GP, VALUE_DTYPE: tl.constexpr,
                       BLOCK_P: tl.constexpr, GATHER_X: tl.constexpr):
     """2:4 group pairs [p0, p0 + BLOCK_P) of the program's rows of W (their starts, [1, BLOCK_N, 1];
     ``_load_pair_words``) and the input quad of each pair's two groups (a 2:4 group is four consecutive input
-    channels)."""
+    channels; the 2:4 channels follow the ``GD`` dense quads in ``channel_perm`` and in a permuted x)."""
     pp = p0 + tl.arange(0, BLOCK_P)[None, None, :]
     lo, hi, byte = _load_pair_words(word_rows, meta_rows, pp, mask_n & (pp < GP), VALUE_DTYPE)
     if GATHER_X:
-        quad_a = tl.load(perm_ptr + KD + 8 * pp, mask=pp < GP, other=0) >> 2
-        quad_b = tl.load(perm_ptr + KD + 8 * pp + 4, mask=pp < GP, other=0) >> 2
+        quad_a = tl.load(perm_ptr + 4 * GD + 8 * pp, mask=pp < GP, other=0) >> 2
+        quad_b = tl.load(perm_ptr + 4 * GD + 8 * pp + 4, mask=pp < GP, other=0) >> 2
     else:
-        quad_a = KD // 4 + 2 * pp
+        quad_a = GD + 2 * pp
         quad_b = quad_a + 1
     return lo, hi, byte, quad_a, quad_b
 
@@ -621,7 +621,7 @@ def _spense_gemv_kernel(
     step = SPLIT_K * BLOCK_Q
     # The first 2:4 step's loads are issued before the dense loop too, so they travel while it runs.
     lo_2_4, hi_2_4, byte, quad_a, quad_b = _gemv_sparse_load(pid_k * BLOCK_P, word_rows, meta_rows, perm_ptr,
-                                                             mask_n3, 4 * GD, GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
+                                                             mask_n3, GD, GP, VALUE_DTYPE, BLOCK_P, GATHER_X)
     acc_d = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_Q), dtype=tl.float32)
     lo, hi, x_quads = _gemv_dense_load(pid_k * BLOCK_Q, dense_rows, perm_ptr, mask_n3, GD, VALUE_DTYPE, BLOCK_Q,
                                        GATHER_X)
@@ -637,7 +637,7 @@ def _spense_gemv_kernel(
     for p0 in range(pid_k * BLOCK_P, GP, step):
         acc_s = _gemv_sparse_fma(acc_s, p0, lo, hi, byte, quad_a, quad_b, x_rows, mask_m3, GP, VALUE_DTYPE, X_DTYPE,
                                  BLOCK_P, PTX)
-        lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(p0 + step, word_rows, meta_rows, perm_ptr, mask_n3, 4 * GD, GP,
+        lo, hi, byte, quad_a, quad_b = _gemv_sparse_load(p0 + step, word_rows, meta_rows, perm_ptr, mask_n3, GD, GP,
                                                          VALUE_DTYPE, BLOCK_P, GATHER_X)
     acc = tl.sum(acc_d, axis=2) + tl.sum(acc_s, axis=2)
     _store_output(acc, bias_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, pid_k, stride_om, HAS_BIAS, SPLIT_K,
