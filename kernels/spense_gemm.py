@@ -1107,14 +1107,15 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     return result
 
 
-def warmup_row_counts(n: int, k: int, fp8: bool = False) -> list[int]:
+def warmup_row_counts(n: int, k: int, fp8: bool = False, device: torch.device = torch.device("cuda")) -> list[int]:
     """One row count M per compiled kernel variant ``spense_gemm`` can need for an ``[n, k]`` weight: each
     config ``choose_config`` picks, with M a multiple of 16 and not (Triton specialises integer arguments
     on it; M = 1 is the gemv's own config) and, for the MMA kernel, with and without padding to whole row
-    tiles (``PADDED_M``). Past ``MMA_MAX_M`` the prefill path's kernels do not take M at all."""
+    tiles (``PADDED_M``). Past ``MMA_MAX_M`` the prefill path's kernels do not take M at all. ``device``: the
+    GPU the weight is on (the gemv's tiles depend on its SM count)."""
     variants = {}
     for m in range(1, MMA_MAX_M + 33):
-        config = choose_config(m, n, k, torch.device("cuda"), fp8)
+        config = choose_config(m, n, k, device, fp8)
         variants.setdefault((config, m % 16 == 0, config.kernel == "mma" and m % config.block_m == 0), m)
     return sorted(variants.values())
 
@@ -1124,5 +1125,6 @@ def warm_up(weight: SpenseGemmWeight, dtype: torch.dtype, bias: torch.Tensor | N
     outside any CUDA-graph capture, instead of at the first batch of each new size while serving: there a
     compile stalls every request in flight (vLLM's JIT monitor warned of one in H200 serving runs before).
     Weights whose sizes share their divisibility share compiled kernels, so only the first layers pay."""
-    for m in warmup_row_counts(weight.n, weight.k, weight.is_fp8):
-        spense_gemm(torch.zeros(m, weight.k, device=weight.dense_weight.device, dtype=dtype), weight, bias)
+    device = weight.dense_weight.device
+    for m in warmup_row_counts(weight.n, weight.k, weight.is_fp8, device):
+        spense_gemm(torch.zeros(m, weight.k, device=device, dtype=dtype), weight, bias)

@@ -311,7 +311,7 @@ def test_warm_up_row_counts_cover_every_compiled_variant(fp8):
     so nothing compiles after the load-time warm-up (check_plugin_gpu.py counts the compiles on the GPU)."""
     cpu = torch.device("cpu")
     for n, k in ((6144, 4096), (24576, 4096), (4096, 12288), (1000, 640), (2560, 5120), (5120, 6400)):
-        counts = warmup_row_counts(n, k, fp8)
+        counts = warmup_row_counts(n, k, fp8, cpu)
         assert counts[0] == 1 and len(counts) <= 20, counts
 
         def variant(m):
