@@ -55,7 +55,7 @@ CHUNK_SIZE = 128
 # name: (rho, FP8 values); rho None is the dense model.
 VARIANTS = {"dense": (None, False), "rho=0": (0.0, False), "rho=0.125": (0.125, False), "rho=0.25": (0.25, False),
             "dense fp8": (None, True), "fp8 rho=0.25": (0.25, True)}
-CHECK_BATCHES = (2, 16)  # the MMA decode kernel (batch 1, the gemv kernel: benchmarks/check_kernels_gpu.py)
+CHECK_BATCHES = (2, 16)  # batch 2: the MMA kernel, and the gemv on o_proj (gemv_two_rows_tiles); 16: the MMA kernel
 # Each Linear against F.linear on the unpacked weight, same input: both accumulate in fp32 and round once.
 LINEAR_TOLERANCE = 2e-2
 # Logits after all layers: two correct bf16 runs of a 36-layer random model differ by about 1% already (a

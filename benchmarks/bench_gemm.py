@@ -117,11 +117,12 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = DEFAULT
         configs = {
             "mma": [KernelConfig(16, block_n, kd, g, split_k, 4, 3, quantize_x=w8a8)
                     for block_n, (kd, g), split_k, w8a8 in itertools.product((16, 32, 64), steps, (1, 2, 4), modes)],
-            # gemv: steps where the [rows, block_n, kd] fp32 partial-product tile stays within 8192 values
-            # (64 registers a thread at 4 warps).
-            "gemv": [KernelConfig(rows, block_n, kd, kd // 2, 1, warps, 3, "gemv", gather_x=True)
-                     for block_n, kd, warps in itertools.product((4, 8, 16), (64, 128, 256, 512), (4, 8))
-                     if 1024 <= rows * block_n * kd <= 8192],
+            # gemv: 4 warps (8 lost 1.3-2.6x at M = 1), steps where the [rows, block_n, kd] partial-product
+            # tile holds 2048-16384 values (16-128 fp32 registers a thread: the PTX FMAs add a quad's four
+            # products into one).
+            "gemv": [KernelConfig(rows, block_n, kd, kd // 2, 1, 4, 3, "gemv", gather_x=True)
+                     for block_n, kd in itertools.product((4, 8), (128, 256, 512, 1024))
+                     if 2048 <= rows * block_n * kd <= 16384],
             "swap": [KernelConfig(block_m, block_n, kd, g, split_k, warps, 3, swap_ab=True)
                      for block_m, block_n, (kd, g), split_k, warps in itertools.product(
                          sorted({min(128, max(16, rows)), min(256, max(16, rows))}), (64, 128),

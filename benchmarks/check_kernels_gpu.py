@@ -25,10 +25,10 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # 2.0e-3 for fp16 on the H100 (n=37, k=256, split-K), against 2.4e-4 for W8A16.
 W8A8_TOLERANCE = 1e-2
 SHAPES = [(6144, 4096, 8), (4096, 12288, 4), (2560, 5120, 0), (1000, 640, 16), (37, 256, 2)]
-MS = [1, 3, 16, 17, 64, 100, 256, 1000, 4096]
+MS = [1, 2, 3, 16, 17, 64, 100, 256, 1000, 4096]
 # --quick (what runs under compute-sanitizer, ~100x slower): ragged shapes, every path still reached.
 QUICK_SHAPES = [(1000, 640, 16), (37, 256, 2)]
-QUICK_MS = [1, 3, 17, 100, 300]
+QUICK_MS = [1, 2, 3, 17, 100, 300]
 
 
 def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: bool = False):

@@ -874,6 +874,21 @@ def gemv_tiles(n: int, k: int, multiprocessors: int, fp8: bool = False) -> Kerne
     return dataclasses.replace(DECODE_GEMV, block_n=8) if triton.cdiv(n, 8) <= 6 * multiprocessors else DECODE_GEMV
 
 
+# Two rows of x against a weight of at most 2^24 values (16-bit values): the gemv kernel with both rows in one
+# program beats the MMA kernel, whose fixed costs (x's permutation launch, the pipeline's fill) are a larger
+# share on small weights: 8B o 11.4 vs 13.6 us, 32B/TP4 qkv 11.8 vs 15.0, o 8.4 vs 11.0 (H200); on larger
+# weights it loses (8B qkv 18.5 vs 17.6, gate_up 52 vs 41) and at three rows and more everywhere, since each
+# row adds its own FMAs and activation picks (sweep_gemv_rows_8b_h200.json, sweep_gemv_rows_tp4_h200.json).
+GEMV_TWO_ROWS_MAX_WEIGHT = 2**24
+
+
+def gemv_two_rows_tiles(k: int) -> KernelConfig:
+    """The gemv's tiles for two rows of x: 8 rows of W a program, 512-column steps (256 for K < 4096, where
+    a short row would leave a step's 2:4 groups half empty)."""
+    return dataclasses.replace(DECODE_GEMV, block_m=2, block_n=8, block_kd=512 if k >= 4096 else 256,
+                               block_g=256 if k >= 4096 else 128)
+
+
 @functools.lru_cache(maxsize=None)
 def multiprocessors(device: torch.device) -> int:
     """The device's SM count; 132 (an H100 / H200) off CUDA, where only the CPU interpreter runs the kernels."""
@@ -896,12 +911,15 @@ def fp8_mma_tiles(m: int, n: int, k: int) -> KernelConfig:
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False) -> KernelConfig:
-    """Kernel and tiles by M, N and K: the gemv kernel for one row (``gemv_tiles``, by the device's SM count),
-    the fused MMA kernel up to ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8
-    values), W expanded + one cuBLAS GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at decode
+    """Kernel and tiles by M, N and K: the gemv kernel for one row (``gemv_tiles``, by the device's SM count)
+    and for two against small 16-bit weights (``gemv_two_rows_tiles``), the fused MMA kernel up to
+    ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8 values), W expanded + one cuBLAS
+    GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at decode
     and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
     if m == 1:
         return gemv_tiles(n, k, multiprocessors(device), fp8)
+    if m == 2 and not fp8 and n * k <= GEMV_TWO_ROWS_MAX_WEIGHT:
+        return gemv_two_rows_tiles(k)
     if m <= MMA_MAX_M:
         return fp8_mma_tiles(m, n, k) if fp8 else mma_tiles(m, n, k)
     return FP8_PREFILL if fp8 and n % 16 == 0 and k % 16 == 0 else UNPACK_AND_CUBLAS

@@ -18,7 +18,7 @@ from vllm_spense.kernels.spense_gemm import (_EXPAND_FP8_PAIR_PTX_BF16, _EXPAND_
                                              _GEMV_DENSE_PTX_BF16, _GEMV_DENSE_PTX_E4M3_BF16, _GEMV_DENSE_PTX_E4M3_F16,
                                              _GEMV_DENSE_PTX_F16, _GEMV_PAIR_PTX_BF16, _GEMV_PAIR_PTX_E4M3_BF16,
                                              _GEMV_PAIR_PTX_E4M3_F16, _GEMV_PAIR_PTX_F16,
-                                             BATCHED_DECODE_MMA, DECODE_GEMV, gemv_tiles,
+                                             BATCHED_DECODE_MMA, DECODE_GEMV, gemv_tiles, gemv_two_rows_tiles,
                                              FP8_PREFILL, MMA_MAX_M, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
                                              choose_config, expand_weight, mma_tiles, permute_columns, spense_gemm,
                                              warmup_row_counts)
@@ -68,6 +68,21 @@ def test_gemm_matches_fp64(dtype, shape, m, path):
     error = (out.double().cpu() - expected).norm() / expected.norm()
     assert torch.isfinite(out).all()
     assert error < (2e-3 if dtype == torch.float16 else 1e-5), f"relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_two_rows_take_the_gemv_and_match_fp64(dtype, shape, generator):
+    """M = 2 against these small weights dispatches to the gemv with both rows in one program
+    (``gemv_two_rows_tiles``), poisoned output, against fp64."""
+    assert choose_config(2, *shape[:2], torch.device(DEVICE)) == gemv_two_rows_tiles(shape[1])
+    weight, gemm_weight = make_weight(shape, dtype, generator)
+    x = torch.randn(2, shape[1], generator=generator).to(dtype).to(DEVICE)
+    out = torch.full((2, shape[0]), float("nan"), dtype=dtype, device=DEVICE)
+    spense_gemm(x, gemm_weight, out=out)
+    expected = x.double().cpu() @ weight.double().t()
+    error = (out.double().cpu() - expected).norm() / expected.norm()
+    assert torch.isfinite(out).all() and error < (2e-3 if dtype == torch.float16 else 1e-5), f"error {error:.2e}"
 
 
 @pytest.mark.parametrize("path", ["gemv", "gemv gather", "decode", "prefill (unpack + GEMM)"])
@@ -277,7 +292,11 @@ def test_expanded_weight_is_the_weight_in_x_channel_order(shape, generator):
 
 def test_dispatch_by_m_picks_decode_and_prefill_tiles():
     cpu = torch.device("cpu")
-    assert choose_config(2, 4096, 4096, cpu) == BATCHED_DECODE_MMA
+    assert choose_config(2, 6144, 4096, cpu) == mma_tiles(2, 6144, 4096)
+    # Two rows against a weight of at most 2^24 values: the gemv kernel with both rows in one program.
+    assert choose_config(2, 4096, 4096, cpu) == gemv_two_rows_tiles(4096)
+    assert (gemv_two_rows_tiles(4096).block_kd, gemv_two_rows_tiles(2048).block_kd) == (512, 256)
+    assert choose_config(2, 4096, 4096, cpu, fp8=True).kernel == choose_config(3, 4096, 4096, cpu).kernel == "mma"
     # One row: the gemv's tiles by how many programs fit in one wave of a 132-SM GPU (gemv_tiles).
     assert choose_config(1, 24576, 4096, cpu) == DECODE_GEMV  # many waves: 4 rows, 512-column steps
     assert choose_config(1, 4096, 12288, cpu) == dataclasses.replace(DECODE_GEMV, block_kd=1024)  # 1024 programs

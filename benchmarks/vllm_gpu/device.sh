@@ -29,7 +29,9 @@ PY
     cd /tmp && src=$OLDPWD
     [ -d /tmp/vm/spense_fp8 ] || python3 "$src/benchmarks/vllm_gpu/make_checkpoints.py" /tmp/vm "$store/payload/tokenizer" || exit 1
     models=(${MODELS:-dense spense})  # e.g. MODELS="dense spense_fp8"
-    python3 "$src/benchmarks/vllm_gpu/bench_serving.py" --models "${models[@]/#//tmp/vm/}" --json "$out/vllm_serving.json" --logs "$out"
+    batches=(${BATCHES:-1 8 32})  # concurrent requests, e.g. BATCHES="1 2 8"
+    python3 "$src/benchmarks/vllm_gpu/bench_serving.py" --models "${models[@]/#//tmp/vm/}" --batches "${batches[@]}" \
+      --json "$out/vllm_serving.json" --logs "$out"
     status=$?
     for f in "$out"/vllm_*.log; do tail -c 200000 "$f" > "$f.tail" && mv "$f.tail" "$f"; done
     exit $status ;;
