@@ -98,7 +98,7 @@ def rotating_weights(name: str, rho: float, fp8: bool = False):
     return k, [spense_weight_for(base, rho, fp8) for _ in range(copies)], [base.clone() for _ in range(copies)]
 
 
-SWEEP_KERNELS = ("mma", "gemv", "swap", "rows", "unpack")
+SWEEP_KERNELS = ("mma", "mma2w", "gemv", "swap", "rows", "unpack")
 DEFAULT_SWEEP_KERNELS = ("mma", "gemv")
 SWEEP_SHAPES = ("8B qkv", "8B o", "8B gate_up", "8B down")
 
@@ -123,6 +123,9 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = DEFAULT
             "gemv": [KernelConfig(rows, block_n, kd, kd // 2, 1, 4, 3, "gemv", gather_x=True)
                      for block_n, kd in itertools.product((4, 8), (128, 256, 512, 1024))
                      if 2048 <= rows * block_n * kd <= 16384],
+            # the MMA kernel with 2 warps: one 8-column MMA tile a warp at block_n 16, two at 32
+            "mma2w": [KernelConfig(16, block_n, kd, g, split_k, 2, stages)
+                      for block_n, (kd, g), split_k, stages in itertools.product((16, 32), steps, (1, 2), (3,))],
             "swap": [KernelConfig(block_m, block_n, kd, g, split_k, warps, 3, swap_ab=True)
                      for block_m, block_n, (kd, g), split_k, warps in itertools.product(
                          sorted({min(128, max(16, rows)), min(256, max(16, rows))}), (64, 128),

@@ -13,7 +13,9 @@ rows of W per program, no split-K.
 one index per group), which saves the separate permutation launch. Every tensor is read one word per four
 values (``quad_words``): a group's four activations, a dense group's four values, a pair of 2:4 groups'
 four kept values (with one metadata byte); the activation under each kept value is picked from its
-group's four by one byte permute per group (inline PTX; two selects per value elsewhere).
+group's four by one byte permute per group (inline PTX; two selects per value elsewhere). M = 2 against
+weights of at most ``GEMV_TWO_ROWS_MAX_WEIGHT`` 16-bit values takes this kernel too, both rows in one
+program (``gemv_two_rows_tiles``).
 
 M = 2 .. ``MMA_MAX_M`` (``_spense_gemm_kernel``, tiles by ``mma_tiles``): ``x`` is permuted once
 (``permute_columns``, one 8-byte word per 4-channel group) into a copy padded to whole row tiles (dense
@@ -875,10 +877,10 @@ def gemv_tiles(n: int, k: int, multiprocessors: int, fp8: bool = False) -> Kerne
 
 
 # Two rows of x against a weight of at most 2^24 values (16-bit values): the gemv kernel with both rows in one
-# program beats the MMA kernel, whose fixed costs (x's permutation launch, the pipeline's fill) are a larger
-# share on small weights: 8B o 11.4 vs 13.6 us, 32B/TP4 qkv 11.8 vs 15.0, o 8.4 vs 11.0 (H200); on larger
-# weights it loses (8B qkv 18.5 vs 17.6, gate_up 52 vs 41) and at three rows and more everywhere, since each
-# row adds its own FMAs and activation picks (sweep_gemv_rows_8b_h200.json, sweep_gemv_rows_tp4_h200.json).
+# program beats the MMA kernel, whose fixed costs (x's permutation launch, the pipeline's fill; our reading,
+# not measured) weigh most on small weights: 8B o 11.4 vs 13.6 us, 32B/TP4 qkv 11.8 vs 15.0, o 8.4 vs 11.0
+# (H200). On larger weights it loses (8B qkv 18.5 vs 17.6, gate_up 52 vs 41), and at three rows and more
+# everywhere, since each row adds its own FMAs and activation picks (sweep_gemv_rows_*_h200.json).
 GEMV_TWO_ROWS_MAX_WEIGHT = 2**24
 
 
