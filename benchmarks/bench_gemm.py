@@ -124,8 +124,8 @@ def decode_configs(m: int, fp8: bool = False, kernels: tuple[str, ...] = DEFAULT
                      for block_n, kd in itertools.product((4, 8), (128, 256, 512, 1024))
                      if 2048 <= rows * block_n * kd <= 16384],
             # the MMA kernel with 2 warps: one 8-column MMA tile a warp at block_n 16, two at 32
-            "mma2w": [KernelConfig(16, block_n, kd, g, split_k, 2, stages)
-                      for block_n, (kd, g), split_k, stages in itertools.product((16, 32), steps, (1, 2), (3,))],
+            "mma2w": [KernelConfig(16, block_n, kd, g, split_k, 2, 3)
+                      for block_n, (kd, g), split_k in itertools.product((16, 32), steps, (1, 2))],
             "swap": [KernelConfig(block_m, block_n, kd, g, split_k, warps, 3, swap_ab=True)
                      for block_m, block_n, (kd, g), split_k, warps in itertools.product(
                          sorted({min(128, max(16, rows)), min(256, max(16, rows))}), (64, 128),

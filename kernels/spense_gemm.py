@@ -887,8 +887,8 @@ GEMV_TWO_ROWS_MAX_WEIGHT = 2**24
 def gemv_two_rows_tiles(k: int) -> KernelConfig:
     """The gemv's tiles for two rows of x: 8 rows of W a program, 512-column steps (256 for K < 4096, where
     a short row would leave a step's 2:4 groups half empty)."""
-    return dataclasses.replace(DECODE_GEMV, block_m=2, block_n=8, block_kd=512 if k >= 4096 else 256,
-                               block_g=256 if k >= 4096 else 128)
+    columns = 512 if k >= 4096 else 256
+    return dataclasses.replace(DECODE_GEMV, block_m=2, block_n=8, block_kd=columns, block_g=columns // 2)
 
 
 @functools.lru_cache(maxsize=None)
