@@ -23,7 +23,7 @@ import triton.testing
 
 from benchmarks_common import spense_weight_for
 from vllm_spense.format import fp8_scales
-from vllm_spense.kernels.spense_gemm import spense_gemm
+from vllm_spense.kernels.spense_gemm import MMA_MAX_M, UNPACK_AND_CUBLAS, spense_gemm
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 SHAPES = {  # name: (N, K)
@@ -59,8 +59,7 @@ def fp8_variants(base: torch.Tensor, copies: int, spense: bool = True) -> dict:
     rho = 0.25 the other activation mode of each path: W8A8 (x quantized to FP8, FP8 MMAs) at decode where
     the default is W8A16, W8A16 at prefill where the default is W8A8. Values: (weights, call, x -> input)."""
     from vllm_spense.format import fp8_values
-    from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, MMA_MAX_M, UNPACK_AND_CUBLAS,
-                                                 quantize_rows_fp8)
+    from vllm_spense.kernels.spense_gemm import BATCHED_DECODE_MMA, quantize_rows_fp8
 
     scale = fp8_scales(base)
     dense = [(fp8_values(base, scale), scale.clone()) for _ in range(copies)]
@@ -255,6 +254,9 @@ def main() -> None:
         for rho in RHOS if not args.fp8_only else ():
             sw = [spense_weight_for(base, rho) for _ in range(copies)]
             variants[f"spense rho={rho}"] = (sw, lambda w, x: spense_gemm(x, w), None)
+            if rho == 0.25:  # prefill without cuSPARSELt: W expanded + one cuBLAS GEMM (what runs elsewhere)
+                variants["spense rho=0.25 expand"] = (sw, lambda w, x: spense_gemm(
+                    x, w, config=UNPACK_AND_CUBLAS if x.shape[0] > MMA_MAX_M else None), None)
         try:
             from torch.sparse import to_sparse_semi_structured
 

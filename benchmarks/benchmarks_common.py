@@ -11,7 +11,8 @@ from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 def spense_weight_for(weight: torch.Tensor, rho: float, fp8: bool = False) -> SpenseGemmWeight:
     """Magnitude 2:4 outside a random balanced dense region (values do not change the speed); FP8 values
-    with per-output-channel scales with ``fp8``."""
+    with per-output-channel scales with ``fp8``. On a GPU the 2:4 region also goes to cuSPARSELt for
+    prefill, as the vLLM plugin does (``with_sparse_cores``; unchanged where it cannot)."""
     n, k = weight.shape
     dense = int(rho * 32)
     mask = torch.zeros(k // 128, 32, dtype=torch.bool, device=weight.device)
@@ -19,7 +20,8 @@ def spense_weight_for(weight: torch.Tensor, rho: float, fp8: bool = False) -> Sp
         chunk[torch.randperm(32, device=weight.device)[:dense]] = True
     mask = mask.reshape(-1)
     pruned = magnitude_2_4(weight, mask)
-    return SpenseGemmWeight.from_packed(pack(pruned, mask, 128, weight_scale=fp8_scales(pruned) if fp8 else None))
+    weight = SpenseGemmWeight.from_packed(pack(pruned, mask, 128, weight_scale=fp8_scales(pruned) if fp8 else None))
+    return weight.with_sparse_cores() if weight.sparse_weight.is_cuda else weight
 
 
 def compiled_variants(kernel) -> list:

@@ -24,15 +24,22 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # on Hopper, DeepSeek-V3 report, section 3.3.2): bf16-level error whatever the output dtype. Measured worst
 # 2.0e-3 for fp16 on the H100 (n=37, k=256, split-K), against 2.4e-4 for W8A16.
 W8A8_TOLERANCE = 1e-2
-SHAPES = [(6144, 4096, 8), (4096, 12288, 4), (2560, 5120, 0), (1000, 640, 16), (37, 256, 2)]
+# (N, K, dense groups per 32-group chunk, fraction of values set to exactly 0)
+SHAPES = [(6144, 4096, 8, 0.0), (4096, 12288, 4, 0.0), (2560, 5120, 0, 0.0), (1000, 640, 16, 0.0),
+          (37, 256, 2, 0.0)]
 MS = [1, 2, 3, 16, 17, 64, 100, 256, 1000, 4096]
 # --quick (what runs under compute-sanitizer, ~100x slower): ragged shapes, every path still reached.
-QUICK_SHAPES = [(1000, 640, 16), (37, 256, 2)]
+QUICK_SHAPES = [(1000, 640, 16, 0.0), (37, 256, 2, 0.0)]
 QUICK_MS = [1, 2, 3, 17, 100, 300]
+# 16-bit values only: a third of the values zero, for cuSPARSELt's placement of zeros (``random_case``).
+ZEROS_SHAPE = (2048, 1024, 8, 0.3)
 
 
-def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: bool = False):
-    """(weight, packed): with ``fp8`` the weight (float32) is on the FP8 grid of its rows' scales, packed FP8."""
+def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: bool = False,
+                zero_fraction: float = 0.0):
+    """(weight, packed): with ``fp8`` the weight (float32) is on the FP8 grid of its rows' scales, packed FP8;
+    ``zero_fraction`` of the values set to exactly 0 as well, so some 2:4 groups keep fewer than two
+    nonzeros (whose zeros cuSPARSELt may place elsewhere than ``pack``)."""
     mask = torch.zeros(k // 128, 32, dtype=torch.bool)
     for chunk in mask:
         chunk[torch.randperm(32)[:dense_per_chunk]] = True
@@ -42,6 +49,7 @@ def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: b
     drop = torch.rand(groups.shape, device="cuda").argsort(-1)[..., :2]
     zeroed = torch.zeros_like(groups).scatter_(-1, drop, 1).bool() & ~mask[None, :, None]
     groups[zeroed] = 0
+    weight[torch.rand_like(weight, dtype=torch.float32) < zero_fraction] = 0
     if not fp8:
         return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128))
     weight *= torch.rand(n, 1, device="cuda") + 0.05  # rows of different magnitudes, each with its own scale
@@ -63,20 +71,29 @@ def main(quick: bool = False) -> int:
                   "w8a8 mma split-k": KernelConfig(16, 64, 128, 32, 4, 4, 4, quantize_x=True)}
     for dtype, fp8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
                        (torch.float16, True)):
-        for n, k, dense in shapes:
-            weight, gemm = random_case(n, k, dense, dtype, fp8)
+        for n, k, dense, zeros in shapes if fp8 else shapes + [ZEROS_SHAPE]:
+            weight, gemm = random_case(n, k, dense, dtype, fp8, zeros)
             bias = torch.randn(n, device="cuda", dtype=dtype)
             ref_w = weight.double()
+            # The same weight with its 2:4 region on cuSPARSELt for prefill (its metadata may be rebuilt, so
+            # every path runs on it too); unchanged where cuSPARSELt does not take the shape.
+            on_sparse_cores = gemm.with_sparse_cores()
+            print(f"{str(dtype)[6:]}{' fp8' if fp8 else ''} n={n} k={k} dense={dense} zeros={zeros}: "
+                  f"cuSPARSELt {'yes' if on_sparse_cores.sparse_compressed is not None else 'no'}")
             for m in ms:
-                paths = {"auto": None, **(forced if m <= 64 else {}), **(forced_gemv if m <= 4 else {})}
+                paths = {"auto": (None, gemm), **{p: (c, gemm) for p, c in (forced if m <= 64 else {}).items()},
+                         **{p: (c, gemm) for p, c in (forced_gemv if m <= 4 else {}).items()}}
                 if fp8:
-                    paths.update(forced_fp8 if m <= 64 else {"w8a16 unpack": UNPACK_AND_CUBLAS})
-                for path, config in paths.items():
+                    paths.update({p: (c, gemm) for p, c in (forced_fp8 if m <= 64 else {
+                        "w8a16 unpack": UNPACK_AND_CUBLAS}).items()})
+                if on_sparse_cores is not gemm:
+                    paths["sparse cores weight"] = (None, on_sparse_cores)
+                for path, (config, weight_used) in paths.items():
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-                    spense_gemm(x, gemm, bias, config=config, out=out)
+                    spense_gemm(x, weight_used, bias, config=config, out=out)
                     torch.cuda.synchronize()
-                    used = config or choose_config(m, n, k, x.device, fp8)
+                    used = config or choose_config(m, n, k, x.device, fp8, weight_used.sparse_compressed is not None)
                     w8a8 = fp8 and used.quantize_x
                     x_ref = fp8_round(x.float(), fp8_scales(x.float())) if w8a8 else x
                     ref = x_ref.double() @ ref_w.t() + bias.double()

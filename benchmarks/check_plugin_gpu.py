@@ -6,8 +6,9 @@ First the load-time warm-up (``spense_gemm.warm_up``, which the plugin runs with
 it, no M from 1 to 300 may make Triton compile anything more (each output checked too). Then a layer
 holding the four Spense tensors (five with FP8 values), as vLLM's loaders leave it, goes through
 ``linear_kernel.process_weights_after_loading`` (validation, channel map) and ``linear_kernel.apply``
-(one ``torch.ops.spense.linear`` call): eagerly, under ``torch.compile(fullgraph=True)``, replayed from a
-CUDA graph with fresh inputs copied in, and through ``torch.library.opcheck``. Every output is compared
+(one ``torch.ops.spense.linear`` call; bf16 layers with their 2:4 region on cuSPARSELt for prefill):
+eagerly, under ``torch.compile(fullgraph=True)``, replayed from a CUDA graph with fresh inputs copied in,
+and through ``torch.library.opcheck``. Every output is compared
 with fp64 math on the reconstructed weight. Exits 1 on any failure.
 """
 
@@ -29,6 +30,9 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 LAYERS = {"qwen3-8b qkv_proj": (6144, 4096, 8), "ragged": (1000, 640, 4)}
 MS = [1, 8, 100, 2048]
 GRAPH_MS = [1, 8]
+# A prefill size vLLM captures in a CUDA graph, past MMA_MAX_M (on cuSPARSELt for bf16 layers); 16-bit
+# values only, since FP8 ones take W8A8 there.
+PREFILL_GRAPH_M = 384
 
 
 def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: bool = False,
@@ -58,6 +62,11 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
+def layer_name(label: str, layer: torch.nn.Module, fp8: bool) -> str:
+    """The label, FP8 values, and whether prefill runs on cuSPARSELt (``with_sparse_cores``)."""
+    return f"{label}{' fp8' if fp8 else ''}{' cuSPARSELt' if hasattr(layer, 'sparse_compressed') else ''}"
+
+
 def compiled_count() -> int:
     """How many kernel variants Triton has compiled so far, over every Triton kernel of spense_gemm."""
     kernels = [value for value in vars(spense_gemm).values() if isinstance(value, triton.runtime.JITFunction)]
@@ -70,9 +79,9 @@ def check_warm_up() -> tuple[list[str], int]:
     rows, failures = [], 0
     for dtype, fp8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
         for label, (n, k, dense) in LAYERS.items():
-            name = f"{label}{' fp8' if fp8 else ''}"
             before, start = compiled_count(), time.perf_counter()
             layer, weight = spense_layer(n, k, dense, dtype, fp8, bias=True, warm_up=True)
+            name = layer_name(label, layer, fp8)
             seconds, warmed, worst = time.perf_counter() - start, compiled_count(), 0.0
             for m in range(1, 301):
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
@@ -102,8 +111,8 @@ def main() -> int:
     # are checked at the decode sizes only (check_kernels_gpu.py checks W8A8 against a rounded x).
     for dtype, fp8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)):
         for label, (n, k, dense) in LAYERS.items():
-            name = f"{label}{' fp8' if fp8 else ''}"
-            layer, weight = spense_layer(n, k, dense, dtype, fp8)
+            layer, weight = spense_layer(n, k, dense, dtype, fp8, warm_up=True)
+            name = layer_name(label, layer, fp8)
             bias = torch.randn(n, device="cuda", dtype=dtype)
             torch._dynamo.reset()  # one compiled function per layer; M becomes a dynamic size as in vLLM
             compiled = torch.compile(lambda x, b: linear_kernel.apply(layer, x, b), fullgraph=True)
@@ -112,7 +121,7 @@ def main() -> int:
                 ref = x.double() @ weight.T + bias.double()
                 record(dtype, name, "eager", m, rel_err(linear_kernel.apply(layer, x, bias), ref))
                 record(dtype, name, "torch.compile fullgraph", m, rel_err(compiled(x, bias), ref))
-            for m in GRAPH_MS:
+            for m in GRAPH_MS if fp8 else GRAPH_MS + [PREFILL_GRAPH_M]:
                 static_x = torch.randn(m, k, device="cuda", dtype=dtype)
                 linear_kernel.apply(layer, static_x, bias)  # warm up (compiles the kernel) outside the capture
                 torch.cuda.synchronize()
@@ -125,13 +134,14 @@ def main() -> int:
                     graph.replay()
                     ref = static_x.double() @ weight.T + bias.double()
                     record(dtype, name, "CUDA graph replay", m, rel_err(static_y, ref))
-    layer, _ = spense_layer(256, 256, 8, torch.bfloat16)
+    layer, _ = spense_layer(256, 256, 8, torch.bfloat16, warm_up=True)
     for m in (1, 300):
         x = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
         args = (x, layer.dense_weight, layer.sparse_weight, layer.sparse_meta, layer.dense_mask, layer.channel_perm,
-                None)
+                None, None, getattr(layer, "sparse_compressed", None))
         torch.library.opcheck(torch.ops.spense.linear.default, args)
-        rows.append(f"| bfloat16 | opcheck 256x256 | torch.library.opcheck | {m} | - | ok |")
+        rows.append(f"| bfloat16 | opcheck 256x256{' cuSPARSELt' if args[-1] is not None else ''} | "
+                    f"torch.library.opcheck | {m} | - | ok |")
     print("| dtype | layer | mode | M | relative error vs fp64 | result |")
     print("| --- | --- | --- | ---: | ---: | --- |")
     print("\n".join(rows))

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from vllm_spense.format import GROUP_SIZE, PackedSpenseWeight
+from vllm_spense.kernels import cusparselt
 from vllm_spense.kernels.reference import group_channels
 
 
@@ -755,7 +756,8 @@ class SpenseGemmWeight:
 
     ``channel_perm [K]`` lists the dense channels, then the 2:4 channels: ``x[:, channel_perm]`` is the
     activation layout the fused kernel reads with plain contiguous loads. FP8 checkpoints add
-    ``weight_scale [N]`` float32 (values are float8_e4m3fn).
+    ``weight_scale [N]`` float32 (values are float8_e4m3fn). ``sparse_compressed``, where set, is the 2:4
+    region in cuSPARSELt's form, which ``sparse_weight`` is a view into (``with_sparse_cores``).
     """
 
     dense_weight: torch.Tensor
@@ -767,6 +769,7 @@ class SpenseGemmWeight:
     n: int
     k: int
     weight_scale: torch.Tensor | None = None
+    sparse_compressed: torch.Tensor | None = None  # the 2:4 region for cuSPARSELt (``with_sparse_cores``)
 
     @property
     def is_fp8(self) -> bool:
@@ -787,12 +790,29 @@ class SpenseGemmWeight:
 
     @classmethod
     def from_channel_perm(cls, dense_weight: torch.Tensor, sparse_weight: torch.Tensor, sparse_meta: torch.Tensor,
-                          channel_perm: torch.Tensor, weight_scale: torch.Tensor | None = None) -> "SpenseGemmWeight":
+                          channel_perm: torch.Tensor, weight_scale: torch.Tensor | None = None,
+                          sparse_compressed: torch.Tensor | None = None) -> "SpenseGemmWeight":
         """From the packed tensors and ``channel_perm`` (int32): what the custom op receives."""
         kd = dense_weight.shape[1]
         return cls(dense_weight.contiguous(), sparse_weight.contiguous(), sparse_meta.contiguous(),
                    channel_perm[:kd], channel_perm[kd:], channel_perm, dense_weight.shape[0], channel_perm.numel(),
-                   weight_scale)
+                   weight_scale, sparse_compressed)
+
+    def with_sparse_cores(self) -> "SpenseGemmWeight":
+        """This weight with its 2:4 region also in cuSPARSELt's compressed form, for the prefill path on the
+        GPU's sparse tensor cores (``_prefill_on_sparse_cores``). ``sparse_weight`` becomes a view into that
+        buffer, so the only memory added is cuSPARSELt's copy of the positions (``cusparselt.compress``).
+        Unchanged where cuSPARSELt cannot take the weight: no sparse tensor cores, FP8 or fp32 values, a
+        shape it refuses, or a compressed operand that fails ``cusparselt.compress``'s check."""
+        kd, ks = self.dense_channels.numel(), self.sparse_channels.numel()
+        if (self.sparse_compressed is not None or self.is_fp8 or ks == 0 or self.n % 16 or ks % 64 or kd % 8
+                or not cusparselt.available(self.sparse_weight.device, self.sparse_weight.dtype)):
+            return self
+        compressed = cusparselt.compress(self.sparse_weight, self.sparse_meta, self.k)
+        if compressed is None:
+            return self
+        values, meta = compressed[0][:self.sparse_weight.numel()].view(self.sparse_weight.shape), compressed[1]
+        return dataclasses.replace(self, sparse_weight=values, sparse_meta=meta, sparse_compressed=compressed[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -825,6 +845,14 @@ UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
 # FP8 prefill: x quantized per row, all of W expanded to FP8 bytes, torch._scaled_mm (cuBLASLt FP8), which
 # needs N and K in multiples of 16; other shapes dequantize W and use cuBLAS in x's dtype (UNPACK_AND_CUBLAS).
 FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
+# Prefill on the sparse tensor cores, for weights ``with_sparse_cores``: x permuted once, the dense region by
+# cuBLAS, the 2:4 region by cuSPARSELt added onto it (``_prefill_on_sparse_cores``).
+SPARSE_CORES_PREFILL = KernelConfig(0, 0, 0, 0, 1, 4, 1, "sparse_cores")
+# cuSPARSELt plans are per row count: rows are padded to a multiple of this, so a server builds at most
+# max_num_batched_tokens / 128 plans per weight shape (a few ms of host time each, once).
+SPARSE_CORES_ROW_STEP = 128
+# vLLM's largest CUDA-graph batch by default: prefill sizes up to it get their cuSPARSELt plans at warm-up.
+CAPTURED_PREFILL_MAX_M = 512
 
 
 def mma_tiles(m: int, n: int, k: int) -> KernelConfig:
@@ -912,11 +940,13 @@ def fp8_mma_tiles(m: int, n: int, k: int) -> KernelConfig:
     return tiles if tiles.swap_ab or (tiles.block_m > 16 and n >= 12288) else BATCHED_DECODE_MMA
 
 
-def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False) -> KernelConfig:
+def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False,
+                  sparse_cores: bool = False) -> KernelConfig:
     """Kernel and tiles by M, N and K: the gemv kernel for one row (``gemv_tiles``, by the device's SM count)
     and for two against small 16-bit weights (``gemv_two_rows_tiles``), the fused MMA kernel up to
-    ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8 values), W expanded + one cuBLAS
-    GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at decode
+    ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8 values); beyond, cuBLAS plus
+    cuSPARSELt for weights with ``sparse_cores`` (``SpenseGemmWeight.with_sparse_cores``), else W expanded +
+    one cuBLAS GEMM. FP8 weights are multiplied in x's dtype (W8A16) at decode
     and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
     if m == 1:
         return gemv_tiles(n, k, multiprocessors(device), fp8)
@@ -924,6 +954,8 @@ def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = Fals
         return gemv_two_rows_tiles(k)
     if m <= MMA_MAX_M:
         return fp8_mma_tiles(m, n, k) if fp8 else mma_tiles(m, n, k)
+    if sparse_cores:
+        return SPARSE_CORES_PREFILL
     return FP8_PREFILL if fp8 and n % 16 == 0 and k % 16 == 0 else UNPACK_AND_CUBLAS
 
 
@@ -1064,6 +1096,29 @@ def _prefill(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | Non
     return torch.nn.functional.linear(x, expand_weight(weight, x.dtype, config.block_n, config.block_g), bias)
 
 
+def _sparse_cores_rows(m: int) -> int:
+    return triton.cdiv(m, SPARSE_CORES_ROW_STEP) * SPARSE_CORES_ROW_STEP
+
+
+def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x permuted once into a buffer of whole ``SPARSE_CORES_ROW_STEP``-row steps, its dense columns times the
+    dense region by cuBLAS (bias in its epilogue), then its 2:4 columns times the 2:4 region on the sparse
+    tensor cores, added in place by cuSPARSELt (``cusparselt.add_sparse_product``). The padding rows are
+    left unset and their outputs dropped."""
+    m, kd = x.shape[0], weight.dense_channels.numel()
+    rows = _sparse_cores_rows(m)
+    x_perm = permute_columns(x, weight.channel_perm, rows)
+    y = torch.empty(rows, weight.n, device=x.device, dtype=x.dtype)
+    if kd == 0:
+        y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+    elif bias is None:
+        torch.mm(x_perm[:, :kd], weight.dense_weight.t(), out=y)
+    else:
+        torch.addmm(bias, x_perm[:, :kd], weight.dense_weight.t(), out=y)
+    cusparselt.add_sparse_product(weight.sparse_compressed, x_perm[:, kd:], y)
+    return y[:m]
+
+
 def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None = None,
                 config: KernelConfig | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """``x [M, K] @ W^T + bias -> [M, N]`` in x's dtype; the path and tiles are chosen here, by M."""
@@ -1071,10 +1126,20 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     m = x.shape[0]
     if out is not None and (out.shape != (m, weight.n) or out.dtype != x.dtype or not out.is_contiguous()):
         raise ValueError(f"spense_gemm: out must be a contiguous {x.dtype} [{m}, {weight.n}] tensor")
-    config = config or choose_config(m, weight.n, weight.k, x.device, weight.is_fp8)
+    sparse_cores = weight.sparse_compressed is not None
+    config = config or choose_config(m, weight.n, weight.k, x.device, weight.is_fp8, sparse_cores)
     w8a8 = weight.is_fp8 and config.quantize_x
     if w8a8 and config.kernel == "gemv":
         raise ValueError("spense_gemm: quantize_x (W8A8) needs the mma or unpack kernel, not gemv")
+    if config.kernel == "sparse_cores" and not sparse_cores:
+        raise ValueError("spense_gemm: the sparse_cores path needs a weight with_sparse_cores()")
+    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
+    if config.kernel == "sparse_cores" and m > 0 and capturing and not cusparselt.has_plan(
+            weight.n, weight.sparse_channels.numel(), _sparse_cores_rows(m), weight.k, x.dtype, x.device):
+        config = UNPACK_AND_CUBLAS  # no cuSPARSELt plan may be built inside a CUDA-graph capture
+    if config.kernel == "sparse_cores" and m > 0:
+        y = _prefill_on_sparse_cores(x.contiguous(), weight, bias)
+        return y if out is None else out.copy_(y)
     if config.kernel == "unpack" and m > 0:  # prefill: cuBLAS allocates its own output; copy only into ``out``
         y = _prefill(x.contiguous(), weight, bias, config)
         return y if out is None else out.copy_(y)
@@ -1146,5 +1211,8 @@ def warm_up(weight: SpenseGemmWeight, dtype: torch.dtype, bias: torch.Tensor | N
     compile stalls every request in flight (vLLM's JIT monitor warned of one in H200 serving runs before).
     Weights whose sizes share their divisibility share compiled kernels, so only the first layers pay."""
     device = weight.dense_weight.device
-    for m in warmup_row_counts(weight.n, weight.k, weight.is_fp8, device):
+    row_counts = warmup_row_counts(weight.n, weight.k, weight.is_fp8, device)
+    if weight.sparse_compressed is not None:  # cuSPARSELt plans for the prefill sizes vLLM captures (<= 512)
+        row_counts += range(MMA_MAX_M + SPARSE_CORES_ROW_STEP, CAPTURED_PREFILL_MAX_M + 1, SPARSE_CORES_ROW_STEP)
+    for m in row_counts:
         spense_gemm(torch.zeros(m, weight.k, device=device, dtype=dtype), weight, bias)

@@ -10,12 +10,17 @@ K are this rank's shard; after ``process_weights_after_loading`` it also holds `
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from vllm_spense.format import (GROUP_SIZE, LAYER_TENSORS, WEIGHT_SCALE, PackedSpenseWeight, SpenseFormatError,
                                 validate)
 from vllm_spense.kernels.reference import group_channels
 from vllm_spense.ops import spense_linear
+
+# Set to 0 to keep prefill off cuSPARSELt (W expanded + one cuBLAS GEMM instead; docs/KERNELS.md).
+SPARSE_CORES_ENV = "SPENSE_SPARSE_CORES"
 
 
 def packed_weight(layer: torch.nn.Module) -> PackedSpenseWeight:
@@ -38,8 +43,10 @@ def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str,
     ``parts`` lists the checkpoint layers stacked in this one, ``(name, rows)`` in order (q, k, v for a
     merged qkv), so an error names the checkpoint tensor; ``value_dtype`` is the dtype an FP8 checkpoint
     fixes. Parameters are re-registered as plain ``Parameter``s so torch.compile sees ordinary tensors.
-    With ``activation_dtype`` (the model's dtype) and the tensors on a GPU, every kernel variant the layer
-    can take is compiled here (``spense_gemm.warm_up``), not while serving.
+    With ``activation_dtype`` (the model's dtype) and the tensors on a GPU, the 2:4 region also goes into
+    cuSPARSELt's form for prefill where the GPU has sparse tensor cores (``with_sparse_cores``; off with
+    ``SPENSE_SPARSE_CORES=0``), and every kernel variant the layer can take is compiled here
+    (``spense_gemm.warm_up``), not while serving.
     """
     packed = packed_weight(layer)
     if value_dtype is not None and packed.dense_weight.is_cuda and torch.cuda.get_device_capability(
@@ -67,11 +74,17 @@ def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str,
     if activation_dtype is not None and layer.dense_weight.is_cuda:
         from vllm_spense.kernels.spense_gemm import SpenseGemmWeight, warm_up  # Triton: CUDA only
 
-        warm_up(SpenseGemmWeight.from_channel_perm(layer.dense_weight, layer.sparse_weight, layer.sparse_meta,
-                                                   layer.channel_perm, getattr(layer, WEIGHT_SCALE, None)),
-                activation_dtype, getattr(layer, "bias", None))
+        weight = SpenseGemmWeight.from_channel_perm(layer.dense_weight, layer.sparse_weight, layer.sparse_meta,
+                                                    layer.channel_perm, getattr(layer, WEIGHT_SCALE, None))
+        if os.environ.get(SPARSE_CORES_ENV, "1") != "0" and activation_dtype == weight.sparse_weight.dtype:
+            weight = weight.with_sparse_cores()
+        if weight.sparse_compressed is not None:  # sparse_weight is now a view into it
+            for attr in ("sparse_weight", "sparse_meta", "sparse_compressed"):
+                layer.register_parameter(attr, torch.nn.Parameter(getattr(weight, attr), requires_grad=False))
+        warm_up(weight, activation_dtype, getattr(layer, "bias", None))
 
 
 def apply(layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     return spense_linear(x, layer.dense_weight, layer.sparse_weight, layer.sparse_meta, layer.dense_mask,
-                         layer.channel_perm, bias, getattr(layer, WEIGHT_SCALE, None))
+                         layer.channel_perm, bias, getattr(layer, WEIGHT_SCALE, None),
+                         getattr(layer, "sparse_compressed", None))

@@ -19,15 +19,17 @@ CPU_GATHER_MAX_M = 16  # above this, rebuilding W once per call is cheaper than 
 @torch.library.custom_op("spense::linear", mutates_args=())
 def spense_linear(x: torch.Tensor, dense_weight: torch.Tensor, sparse_weight: torch.Tensor,
                   sparse_meta: torch.Tensor, dense_mask: torch.Tensor, channel_perm: torch.Tensor,
-                  bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., K] @ W^T (+ bias) -> [..., N]`` from the Spense layout (FP8 values with ``weight_scale``)."""
+                  bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
+                  sparse_compressed: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [..., K] @ W^T (+ bias) -> [..., N]`` from the Spense layout (FP8 values with ``weight_scale``;
+    ``sparse_compressed``: the 2:4 region in cuSPARSELt's form, ``SpenseGemmWeight.with_sparse_cores``)."""
     k = dense_mask.numel() * GROUP_SIZE
     x2 = x.reshape(-1, k)
     if x.is_cuda:
         from vllm_spense.kernels.spense_gemm import SpenseGemmWeight, spense_gemm  # Triton: CUDA only
 
         weight = SpenseGemmWeight.from_channel_perm(dense_weight, sparse_weight, sparse_meta, channel_perm,
-                                                    weight_scale)
+                                                    weight_scale, sparse_compressed)
         y = spense_gemm(x2.contiguous(), weight, bias)
     else:  # PyTorch reference: gather per 2:4 group for a few rows, else rebuild W for this call and matmul
         from vllm_spense.kernels.reference import spense_linear as reference
@@ -41,5 +43,6 @@ def spense_linear(x: torch.Tensor, dense_weight: torch.Tensor, sparse_weight: to
 
 
 @spense_linear.register_fake
-def _(x, dense_weight, sparse_weight, sparse_meta, dense_mask, channel_perm, bias=None, weight_scale=None):
+def _(x, dense_weight, sparse_weight, sparse_meta, dense_mask, channel_perm, bias=None, weight_scale=None,
+      sparse_compressed=None):
     return x.new_empty(*x.shape[:-1], dense_weight.shape[0])

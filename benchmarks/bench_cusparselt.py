@@ -1,0 +1,133 @@
+"""cuSPARSELt for the 2:4 region at prefill, in parts, on the bench_gemm shapes (rho = 0.25, bf16):
+
+    python benchmarks/bench_cusparselt.py --json OUT.json [--algs] [--shapes ...] [--ms ...]
+
+Per shape and M: cuBLAS on the whole weight; the Spense prefill path (``spense_gemm``) and its parts: x's
+permutation, the dense region on cuBLAS, the 2:4 region on cuSPARSELt through ``kernels/cusparselt.py``
+(the algorithm ``_alg_id`` picked), and the same columns dense on cuBLAS. Then the same cuSPARSELt call
+on those columns copied contiguous (row stride Ks, not K), eagerly and under a CUDA graph, and torch's 2:4
+``F.linear`` on them under a CUDA graph (which hides its per-call plan); host time per call of our
+cuSPARSELt call and of torch's ``torch._cslt_sparse_mm``, which builds a plan every call. With ``--algs``:
+every cuSPARSELt algorithm id on the 2:4 region instead. Times are medians of ``triton.testing.do_bench``
+(eager launches, L2 flushed between calls) unless under a CUDA graph (``do_bench_cudagraph``); host times
+average 20 calls without synchronising.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from bench_gemm import SHAPES
+from benchmarks_common import spense_weight_for
+from vllm_spense.kernels import cusparselt
+from vllm_spense.kernels.spense_gemm import permute_columns, spense_gemm
+
+MS = [512, 1024, 2048, 4096, 8192]
+
+
+def gpu_us(call) -> float:
+    return triton.testing.do_bench(call, warmup=5, rep=25, return_mode="median") * 1e3
+
+
+def host_us(call, calls: int = 20) -> float:
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    seconds = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return seconds / calls * 1e6
+
+
+def algorithms(compressed, n: int, ks: int, x_sparse, y) -> dict[int, float]:
+    """The time of every algorithm id cuSPARSELt accepts for this problem (plan by plan)."""
+    times = {}
+    for alg in range(64):
+        try:
+            plan = cusparselt.Plan(cusparselt.library(), n, ks, x_sparse.shape[0], x_sparse.stride(0), x_sparse.dtype,
+                                   alg)
+        except cusparselt.CusparseLtError:
+            break
+        workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device="cuda")
+        times[alg] = gpu_us(lambda: cusparselt.run_plan(plan, compressed, x_sparse, y, workspace))
+    return times
+
+
+def graph_us(call) -> float:
+    return triton.testing.do_bench_cudagraph(call, rep=30, return_mode="median") * 1e3
+
+
+def parts(w, base: torch.Tensor, x: torch.Tensor, x_perm: torch.Tensor, y: torch.Tensor) -> dict:
+    """The path, its parts and the comparisons of the module docstring, for one weight and x."""
+    n, k, kd = w.n, w.k, w.dense_channels.numel()
+    x_sparse = x_perm[:, kd:]
+    x_contiguous = x_sparse.contiguous()
+    y_alone = torch.zeros_like(y)  # for the contiguous columns: another plan (row stride Ks)
+    region = torch.sparse.to_sparse_semi_structured(cusparselt._region(w.sparse_weight, w.sparse_meta))
+
+    def ours():
+        cusparselt.add_sparse_product(w.sparse_compressed, x_sparse, y)
+
+    def ours_contiguous():
+        cusparselt.add_sparse_product(w.sparse_compressed, x_contiguous, y_alone)
+
+    def torch_op():
+        torch._cslt_sparse_mm(w.sparse_compressed.view(n, -1), x_contiguous.t(), transpose_result=True)
+
+    return dict(
+        cublas_us=gpu_us(lambda: F.linear(x, base)), spense_us=gpu_us(lambda: spense_gemm(x, w)),
+        permute_us=gpu_us(lambda: permute_columns(x, w.channel_perm, x.shape[0])),
+        dense_region_us=gpu_us(lambda: torch.mm(x_perm[:, :kd], w.dense_weight.t())),
+        cusparselt_us=gpu_us(ours), cusparselt_host_us=host_us(ours),
+        algorithm=cusparselt.chosen_algorithm(n, k - kd, k, x.dtype, x.device),
+        cusparselt_contiguous_us=gpu_us(ours_contiguous), cusparselt_contiguous_graph_us=graph_us(ours_contiguous),
+        torch_2_4_graph_us=graph_us(lambda: F.linear(x_contiguous, region)),
+        torch_cslt_host_us=host_us(torch_op), torch_cslt_us=gpu_us(torch_op))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--algs", action="store_true")
+    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--ms", nargs="*", type=int, default=MS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    rows = []
+    for name in args.shapes:
+        n, k = SHAPES[name]
+        base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        w = spense_weight_for(base, 0.25)
+        if w.sparse_compressed is None:
+            print(f"{name}: not on cuSPARSELt")
+            continue
+        kd = w.dense_channels.numel()
+        sparse_dense = torch.randn(n, k - kd, device="cuda", dtype=torch.bfloat16)
+        for m in args.ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            x_perm = permute_columns(x, w.channel_perm, m)
+            x_sparse = x_perm[:, kd:]
+            y = torch.zeros(m, n, device="cuda", dtype=torch.bfloat16)
+            row = {"shape": name, "n": n, "k": k, "m": m,
+                   "cublas_sparse_columns_dense_us": gpu_us(lambda: torch.mm(x_sparse, sparse_dense.t()))}
+            if args.algs:
+                row["cusparselt_algorithms_us"] = algorithms(w.sparse_compressed, n, k - kd, x_sparse, y)
+            else:
+                row.update(parts(w, base, x, x_perm, y))
+            rows.append(row)
+            print(json.dumps({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
+        with open(args.json, "w") as handle:
+            json.dump({"device": device, "cusparselt_version": torch.backends.cusparselt.version(), "rows": rows},
+                      handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""The 2:4 region on Hopper's and Ampere's sparse tensor cores at prefill: cuSPARSELt through ctypes, with
+plans kept across calls.
+
+Triton's MMAs are dense, so at prefill (compute-bound) the fused kernels cannot beat cuBLAS on the whole
+weight; cuSPARSELt's sparse MMAs do the 2:4 region's work in about half the time. torch ships the library and
+``torch._cslt_sparse_mm``, but that op builds its cuSPARSELt plan on every call: 0.4-1.1 ms of host time per
+call on an H200 (docs/KERNELS.md), more than the GEMM itself below M = 8192. Here a plan is built once per
+(weight shape, rows, dtype) and a call costs one ``cusparseLtMatmul``.
+
+The operand is what ``torch._cslt_compress`` makes of the 2:4 region ``[N, 4 * GS]``: the kept values in
+``sparse_weight``'s own order (row-major ``[N, 2 * GS]``, measured equal) followed by cuSPARSELt's metadata.
+``compress`` returns that buffer, and the caller makes ``sparse_weight`` a view into it, so the extra memory
+is only cuSPARSELt's copy of the positions (as many bytes as ``sparse_meta``).
+
+Layouts as torch's op uses them: A (the compressed 2:4 region) row-major ``[N, Ks]``; B the 2:4 columns of
+the permuted activations, row-major ``[M, Ks]`` with row stride ``ld`` (a view into the permuted x), used
+transposed; C = D the output ``y [M, N]`` row-major, i.e. column-major ``[N, M]``, accumulated into with
+beta = 1 (the dense region's cuBLAS GEMM writes it first).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import logging
+import threading
+
+import torch
+
+from vllm_spense.format import GROUP_SIZE, sparse_indices
+
+logger = logging.getLogger(__name__)
+
+# cuSPARSELt / cuSPARSE / CUDA enum values (cusparseLt.h 0.6+, cusparse.h, library_types.h). bf16 only:
+# with fp16 values cuSPARSELt 0.8.0's algorithm search hit an illegal instruction on the H200, which ends
+# the CUDA context (docs/KERNELS.md), so fp16 weights keep the expansion path.
+_CUDA_R = {torch.bfloat16: 14}
+_ORDER_COL, _ORDER_ROW = 1, 2
+_OP_N, _OP_T = 0, 1
+_SPARSITY_50_PERCENT = 0
+_COMPUTE_32F = 2
+_ALG_DEFAULT = 0
+_ALG_CONFIG_ID = 0  # cusparseLtMatmulAlgAttribute_t
+_ALIGNMENT = 16  # bytes: every pointer and leading dimension must be a multiple
+_OPAQUE_BYTES = 4096  # cuSPARSELt's opaque structs are 512-1024 bytes (by version); room for any of them
+_ARCHITECTURES = ((8, 0), (8, 6), (8, 7), (8, 9), (9, 0))  # sparse tensor cores cuSPARSELt 0.6-0.8 serves
+
+
+class CusparseLtError(RuntimeError):
+    """A cuSPARSELt call failed; the message names the call and the library's status."""
+
+
+def _opaque() -> ctypes.Array:
+    return ctypes.create_string_buffer(_OPAQUE_BYTES)
+
+
+class _Library:
+    """The loaded library and one handle (cuSPARSELt handles are not tied to a device)."""
+
+    def __init__(self):
+        torch.backends.cusparselt.version()  # makes torch load libcusparseLt, so its soname resolves below
+        self.lib = ctypes.CDLL("libcusparseLt.so.0")
+        self.lib.cusparseLtGetErrorString.restype = ctypes.c_char_p
+        self.handle = _opaque()
+        self.check("cusparseLtInit", self.handle)
+
+    def check(self, name: str, *args) -> None:
+        status = getattr(self.lib, name)(*args)
+        if status != 0:
+            message = self.lib.cusparseLtGetErrorString(status).decode()
+            raise CusparseLtError(f"cuSPARSELt: {name} failed with status {status} ({message})")
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> _Library:
+    return _Library()
+
+
+def available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the 2:4 region of ``dtype`` values can run on cuSPARSELt on ``device``: an NVIDIA GPU with
+    sparse tensor cores (sm80-sm90), bf16 values, and torch built with the library."""
+    return (device.type == "cuda" and torch.version.hip is None and dtype in _CUDA_R
+            and torch.backends.cusparselt.is_available()
+            and torch.cuda.get_device_capability(device) in _ARCHITECTURES)
+
+
+def _region(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Rows of the 2:4 region ``[rows, 4 * GS]`` from their kept values and metadata (zeros elsewhere)."""
+    kept = sparse_indices(meta)
+    region = torch.zeros(*kept.shape[:2], GROUP_SIZE, dtype=values.dtype, device=values.device)
+    return region.scatter_(-1, kept, values.view(*kept.shape)).view(values.shape[0], -1)
+
+
+def _metadata_for(region: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
+    """``sparse_meta`` rows that place ``values`` ``[rows, GS, 2]`` back into ``region`` ``[rows, GS, 4]``: per
+    group the first ascending pair of positions holding the two values with zeros at the other two, or None
+    if some group has no such pair."""
+    found = torch.zeros(region.shape[:2], dtype=torch.bool, device=region.device)
+    nibble = torch.zeros(region.shape[:2], dtype=torch.uint8, device=region.device)
+    for i0, i1 in itertools.combinations(range(GROUP_SIZE), 2):
+        rest = [p for p in range(GROUP_SIZE) if p not in (i0, i1)]
+        fits = ((region[..., i0] == values[..., 0]) & (region[..., i1] == values[..., 1])
+                & (region[..., rest] == 0).all(-1) & ~found)
+        nibble[fits] = i0 | (i1 << 2)
+        found |= fits
+    if not found.all():
+        return None
+    return nibble[:, 0::2] | (nibble[:, 1::2] << 4)
+
+
+def compress(sparse_weight: torch.Tensor, sparse_meta: torch.Tensor, row_stride: int,
+             rows_per_step: int = 4096) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The 2:4 region as cuSPARSELt's compressed operand (``torch._cslt_compress``): a flat buffer whose first
+    ``sparse_weight.numel()`` values are the kept values, row by row, followed by cuSPARSELt's metadata; and
+    the ``sparse_meta`` that goes with those values. A group with fewer than two nonzeros can be stored
+    with its zero at other positions than ``pack`` chose; the metadata is then rebuilt for cuSPARSELt's
+    choice, so both share one copy of the values.
+
+    Before it is returned, the operand multiplies ``CHECK_ROWS`` random rows, ``row_stride`` apart as the
+    permuted x's 2:4 columns will be (K), through ``add_sparse_product`` against the region in fp32 (which
+    also builds the shape's first plan and picks its algorithm, ``_alg_id``). None, with
+    a warning, where cuSPARSELt refuses the shape, a group cannot be matched (NaN values) or that product is
+    off: the caller then keeps the expansion path."""
+    n = sparse_weight.shape[0]
+    region = torch.cat([_region(sparse_weight[r:r + rows_per_step], sparse_meta[r:r + rows_per_step])
+                        for r in range(0, n, rows_per_step)])
+    try:
+        compressed = torch._cslt_compress(region).reshape(-1)
+        values = compressed[:sparse_weight.numel()].view(n, -1, 2)
+        meta = sparse_meta
+        if not torch.equal(values.reshape(sparse_weight.shape), sparse_weight):
+            metas = [_metadata_for(region[r:r + rows_per_step].view(-1, values.shape[1], GROUP_SIZE),
+                                   values[r:r + rows_per_step]) for r in range(0, n, rows_per_step)]
+            if any(m is None for m in metas):
+                raise CusparseLtError("some 2:4 group's values do not fit any pair of its positions")
+            meta = torch.cat(metas)
+        ks = region.shape[1]
+        x = torch.randn(CHECK_ROWS, row_stride, device=region.device, dtype=region.dtype)[:, row_stride - ks:]
+        y = torch.zeros(CHECK_ROWS, n, device=region.device, dtype=region.dtype)
+        add_sparse_product(compressed, x, y)
+        reference = x.float() @ region.float().t()
+        error = ((y.float() - reference).norm() / reference.norm()).item()
+        if not error < CHECK_TOLERANCE:
+            raise CusparseLtError(f"a {CHECK_ROWS}-row product is off by {error:.2e} (relative) against fp32")
+    except (CusparseLtError, RuntimeError) as error:
+        logger.warning("Spense: 2:4 region [%d, %d] %s stays off cuSPARSELt: %s", n, region.shape[1], region.dtype,
+                       error)
+        return None
+    return compressed, meta
+
+
+CHECK_ROWS = 128
+CHECK_TOLERANCE = 1e-2  # bf16 products against fp32: 1.96e-3 at worst in check_kernels_h200_v29.txt
+
+
+class Plan:
+    """Descriptors and plan of one ``y[M, N] += x_s[M, Ks] @ W_s^T`` shape with one algorithm; the descriptors
+    stay alive as long as the plan, which refers to them."""
+
+    def __init__(self, lib: _Library, n: int, ks: int, m: int, ld_x: int, dtype: torch.dtype, alg_id: int):
+        self.lib = lib
+        self.sparse, self.x, self.y = _opaque(), _opaque(), _opaque()
+        self.matmul, self.alg, self.plan = _opaque(), _opaque(), _opaque()
+        i64, u32 = ctypes.c_int64, ctypes.c_uint32
+        value = _CUDA_R[dtype]
+        lib.check("cusparseLtStructuredDescriptorInit", lib.handle, self.sparse, i64(n), i64(ks), i64(ks),
+                  u32(_ALIGNMENT), value, _ORDER_ROW, _SPARSITY_50_PERCENT)
+        lib.check("cusparseLtDenseDescriptorInit", lib.handle, self.x, i64(m), i64(ks), i64(ld_x), u32(_ALIGNMENT),
+                  value, _ORDER_ROW)
+        lib.check("cusparseLtDenseDescriptorInit", lib.handle, self.y, i64(n), i64(m), i64(n), u32(_ALIGNMENT),
+                  value, _ORDER_COL)
+        lib.check("cusparseLtMatmulDescriptorInit", lib.handle, self.matmul, _OP_N, _OP_T, self.sparse, self.x,
+                  self.y, self.y, _COMPUTE_32F)
+        lib.check("cusparseLtMatmulAlgSelectionInit", lib.handle, self.alg, self.matmul, _ALG_DEFAULT)
+        config = ctypes.c_int(alg_id)
+        lib.check("cusparseLtMatmulAlgSetAttribute", lib.handle, self.alg, _ALG_CONFIG_ID, ctypes.byref(config),
+                  ctypes.sizeof(config))
+        lib.check("cusparseLtMatmulPlanInit", lib.handle, self.plan, self.matmul, self.alg)
+        size = ctypes.c_size_t(0)
+        lib.check("cusparseLtMatmulGetWorkspace", lib.handle, self.plan, ctypes.byref(size))
+        self.workspace_bytes = size.value
+
+    def __del__(self):
+        destroy = self.lib.lib
+        destroy.cusparseLtMatmulPlanDestroy(self.plan)
+        destroy.cusparseLtMatmulAlgSelectionDestroy(self.alg)
+        for descriptor in (self.sparse, self.x, self.y):
+            destroy.cusparseLtMatDescriptorDestroy(descriptor)
+
+
+# Plans by (N, Ks, M, x's row stride, dtype, device), algorithms by the same less M, one workspace per
+# device (calls on one stream run one after another), all built outside CUDA-graph capture (``has_plan``).
+_plans: dict[tuple, Plan] = {}
+_alg_ids: dict[tuple, int] = {}
+_workspaces: dict[torch.device, torch.Tensor] = {}
+_lock = threading.Lock()
+_ONE = ctypes.c_float(1.0)
+# Rows of the problem each weight shape's algorithm is chosen on (``_alg_id``).
+SEARCH_ROWS = 4096
+SEARCH_REPEATS = 3
+
+
+def _alg_id(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> int:
+    """The fastest of cuSPARSELt's algorithms (its config ids 0, 1, ... as far as a plan accepts them) for
+    this weight shape, timed once with CUDA events on ``SEARCH_ROWS`` rows of random activations laid out as
+    ``x_sparse`` (same row stride): the median of ``SEARCH_REPEATS`` calls each, after one. Our own timing
+    rather than torch's ``_cslt_sparse_mm_search``, which times another layout (contiguous activations) and
+    picked algorithms up to 8% slower than the best on the 8B shapes (docs/KERNELS.md)."""
+    ks, ld, dtype, device = x_sparse.shape[1], x_sparse.stride(0), x_sparse.dtype, x_sparse.device
+    key = (n, ks, ld, dtype, device)
+    if key in _alg_ids:
+        return _alg_ids[key]
+    x = torch.randn(SEARCH_ROWS, ld, device=device, dtype=dtype)[:, :ks]
+    y = torch.zeros(SEARCH_ROWS, n, device=device, dtype=dtype)
+    times = {}
+    for alg in itertools.count():
+        try:
+            plan = Plan(library(), n, ks, SEARCH_ROWS, ld, dtype, alg)
+        except CusparseLtError:  # past the last config id
+            break
+        workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
+        run_plan(plan, compressed, x, y, workspace)
+        samples = []
+        for _ in range(SEARCH_REPEATS):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run_plan(plan, compressed, x, y, workspace)
+            stop.record()
+            stop.synchronize()
+            samples.append(start.elapsed_time(stop))
+        times[alg] = sorted(samples)[len(samples) // 2]
+    if not times:
+        raise CusparseLtError(f"cuSPARSELt: no algorithm takes a [{n}, {ks}] {dtype} region")
+    _alg_ids[key] = min(times, key=times.get)
+    return _alg_ids[key]
+
+
+def chosen_algorithm(n: int, ks: int, row_stride: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """The algorithm ``_alg_id`` chose for this weight shape and activation row stride, None before it ran."""
+    return _alg_ids.get((n, ks, row_stride, dtype, device))
+
+
+def has_plan(n: int, ks: int, rows: int, row_stride: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the plan for ``n`` outputs, ``ks`` 2:4 columns and ``rows`` activation rows ``row_stride`` apart
+    exists already: during CUDA-graph capture none may be built (its search and workspace allocate and
+    synchronise), so the caller takes another path then."""
+    return (n, ks, rows, row_stride, dtype, device) in _plans
+
+
+def _plan(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> Plan:
+    ks, device, dtype = x_sparse.shape[1], x_sparse.device, x_sparse.dtype
+    key = (n, ks, x_sparse.shape[0], x_sparse.stride(0), dtype, device)
+    plan = _plans.get(key)
+    if plan is None:
+        with _lock:
+            plan = _plans.get(key)
+            if plan is None:
+                plan = Plan(library(), n, ks, x_sparse.shape[0], x_sparse.stride(0), dtype,
+                            _alg_id(compressed, n, x_sparse))
+                workspace = _workspaces.get(device)
+                if workspace is None or workspace.numel() < plan.workspace_bytes:
+                    _workspaces[device] = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
+                _plans[key] = plan
+    return plan
+
+
+def check_operands(compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Tensor) -> None:
+    """What ``add_sparse_product`` needs, checked before any call: bf16 x and y, the compressed buffer
+    of a ``[N, Ks]`` region on x's device, and 16-byte aligned pointers and row strides."""
+    m, ks = x_sparse.shape
+    n = y.shape[1]
+    if x_sparse.dtype not in _CUDA_R or y.dtype != x_sparse.dtype or compressed.dtype != x_sparse.dtype:
+        raise ValueError(f"cusparselt: x, y and the compressed weight must all be bfloat16, found "
+                         f"{x_sparse.dtype}, {y.dtype}, {compressed.dtype}")
+    if y.shape[0] != m or not y.is_contiguous() or x_sparse.stride(1) != 1:
+        raise ValueError(f"cusparselt: y must be a contiguous [{m}, N] tensor and x's rows contiguous, found "
+                         f"y {list(y.shape)}, x strides {x_sparse.stride()}")
+    if compressed.numel() < n * ks // 2 + n * ks // 16:
+        raise ValueError(f"cusparselt: a compressed [{n}, {ks}] region holds at least {n * ks // 2 + n * ks // 16} "
+                         f"values, found {compressed.numel()}")
+    size = x_sparse.element_size()
+    for name, address in (("x", x_sparse.data_ptr()), ("x's row stride", x_sparse.stride(0) * size),
+                          ("y", y.data_ptr()), ("the compressed weight", compressed.data_ptr())):
+        if address % _ALIGNMENT:
+            raise ValueError(f"cusparselt: {name} must be a multiple of {_ALIGNMENT} bytes, found {address}")
+
+
+def add_sparse_product(compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Tensor) -> None:
+    """``y += x_sparse @ W_s^T`` in place on the current stream, ``W_s [N, Ks]`` the 2:4 region in its
+    compressed form (``compress``), ``x_sparse [M, Ks]`` its activation columns (a row-strided view), ``y [M, N]``
+    contiguous. One plan per shape (``_plan``)."""
+    check_operands(compressed, x_sparse, y)
+    run_plan(_plan(compressed, y.shape[1], x_sparse), compressed, x_sparse, y, _workspaces[x_sparse.device])
+
+
+def run_plan(plan: Plan, compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Tensor,
+             workspace: torch.Tensor) -> None:
+    """One ``cusparseLtMatmul`` of ``plan`` (D = C = y, alpha = beta = 1) on the current stream; the operands
+    as ``add_sparse_product`` checks them (benchmarks/bench_cusparselt.py times plans of chosen algorithms)."""
+    stream = ctypes.c_void_p(torch.cuda.current_stream(x_sparse.device).cuda_stream)
+    plan.lib.check("cusparseLtMatmul", plan.lib.handle, plan.plan, ctypes.byref(_ONE),
+                   ctypes.c_void_p(compressed.data_ptr()), ctypes.c_void_p(x_sparse.data_ptr()), ctypes.byref(_ONE),
+                   ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(y.data_ptr()),
+                   ctypes.c_void_p(workspace.data_ptr()), ctypes.byref(stream), 1)
