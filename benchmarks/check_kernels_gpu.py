@@ -79,7 +79,8 @@ def main(quick: bool = False) -> int:
             # every path runs on it too); unchanged where cuSPARSELt does not take the shape.
             on_sparse_cores = gemm.with_sparse_cores()
             print(f"{str(dtype)[6:]}{' fp8' if fp8 else ''} n={n} k={k} dense={dense} zeros={zeros}: "
-                  f"cuSPARSELt {'yes' if on_sparse_cores.sparse_compressed is not None else 'no'}")
+                  f"cuSPARSELt {'yes' if on_sparse_cores.sparse_compressed is not None else 'no'}"
+                  f"{', metadata rebuilt' if on_sparse_cores.sparse_meta is not gemm.sparse_meta else ''}")
             for m in ms:
                 paths = {"auto": (None, gemm), **{p: (c, gemm) for p, c in (forced if m <= 64 else {}).items()},
                          **{p: (c, gemm) for p, c in (forced_gemv if m <= 4 else {}).items()}}

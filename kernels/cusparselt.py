@@ -41,7 +41,7 @@ _OP_N, _OP_T = 0, 1
 _SPARSITY_50_PERCENT = 0
 _COMPUTE_32F = 2
 _ALG_DEFAULT = 0
-_ALG_CONFIG_ID = 0  # cusparseLtMatmulAlgAttribute_t
+_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID = 0, 1  # cusparseLtMatmulAlgAttribute_t
 _ALIGNMENT = 16  # bytes: every pointer and leading dimension must be a multiple
 _OPAQUE_BYTES = 4096  # cuSPARSELt's opaque structs are 512-1024 bytes (by version); room for any of them
 _ARCHITECTURES = ((8, 0), (8, 6), (8, 7), (8, 9), (9, 0))  # sparse tensor cores cuSPARSELt 0.6-0.8 serves
@@ -56,14 +56,23 @@ def _opaque() -> ctypes.Array:
 
 
 class _Library:
-    """The loaded library and one handle (cuSPARSELt handles are not tied to a device)."""
+    """The loaded library and one handle per GPU (a cuSPARSELt handle belongs to the device current when it
+    is made)."""
 
     def __init__(self):
         torch.backends.cusparselt.version()  # makes torch load libcusparseLt, so its soname resolves below
         self.lib = ctypes.CDLL("libcusparseLt.so.0")
         self.lib.cusparseLtGetErrorString.restype = ctypes.c_char_p
-        self.handle = _opaque()
-        self.check("cusparseLtInit", self.handle)
+        self.handles: dict[int, ctypes.Array] = {}
+
+    def handle(self, device: torch.device) -> ctypes.Array:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self.handles:
+            handle = _opaque()
+            with torch.cuda.device(index):
+                self.check("cusparseLtInit", handle)
+            self.handles[index] = handle
+        return self.handles[index]
 
     def check(self, name: str, *args) -> None:
         status = getattr(self.lib, name)(*args)
@@ -122,10 +131,10 @@ def compress(sparse_weight: torch.Tensor, sparse_meta: torch.Tensor, row_stride:
     also builds the shape's first plan and picks its algorithm, ``_alg_id``). None, with
     a warning, where cuSPARSELt refuses the shape, a group cannot be matched (NaN values) or that product is
     off: the caller then keeps the expansion path."""
-    n = sparse_weight.shape[0]
-    region = torch.cat([_region(sparse_weight[r:r + rows_per_step], sparse_meta[r:r + rows_per_step])
-                        for r in range(0, n, rows_per_step)])
+    n, ks = sparse_weight.shape[0], 2 * sparse_weight.shape[1]
     try:
+        region = torch.cat([_region(sparse_weight[r:r + rows_per_step], sparse_meta[r:r + rows_per_step])
+                            for r in range(0, n, rows_per_step)])
         compressed = torch._cslt_compress(region).reshape(-1)
         values = compressed[:sparse_weight.numel()].view(n, -1, 2)
         meta = sparse_meta
@@ -135,16 +144,15 @@ def compress(sparse_weight: torch.Tensor, sparse_meta: torch.Tensor, row_stride:
             if any(m is None for m in metas):
                 raise CusparseLtError("some 2:4 group's values do not fit any pair of its positions")
             meta = torch.cat(metas)
-        ks = region.shape[1]
         x = torch.randn(CHECK_ROWS, row_stride, device=region.device, dtype=region.dtype)[:, row_stride - ks:]
         y = torch.zeros(CHECK_ROWS, n, device=region.device, dtype=region.dtype)
         add_sparse_product(compressed, x, y)
         reference = x.float() @ region.float().t()
-        error = ((y.float() - reference).norm() / reference.norm()).item()
+        error = ((y.float() - reference).norm() / reference.norm().clamp_min(1e-30)).item()
         if not error < CHECK_TOLERANCE:
             raise CusparseLtError(f"a {CHECK_ROWS}-row product is off by {error:.2e} (relative) against fp32")
-    except (CusparseLtError, RuntimeError) as error:
-        logger.warning("Spense: 2:4 region [%d, %d] %s stays off cuSPARSELt: %s", n, region.shape[1], region.dtype,
+    except Exception as error:  # noqa: BLE001 - at load, anything cuSPARSELt cannot do leaves the old path
+        logger.warning("Spense: 2:4 region [%d, %d] %s stays off cuSPARSELt: %s", n, ks, sparse_weight.dtype,
                        error)
         return None
     return compressed, meta
@@ -155,45 +163,60 @@ CHECK_TOLERANCE = 1e-2  # bf16 products against fp32: 1.96e-3 at worst in check_
 
 
 class Plan:
-    """Descriptors and plan of one ``y[M, N] += x_s[M, Ks] @ W_s^T`` shape with one algorithm; the descriptors
-    stay alive as long as the plan, which refers to them."""
+    """Descriptors and plan of one ``y[M, N] += x_s[M, Ks] @ W_s^T`` shape on one GPU with one algorithm
+    (cuSPARSELt's default where ``alg_id`` is None); the descriptors stay alive as long as the plan, which
+    refers to them. ``max_alg_id``: how many algorithm configs cuSPARSELt has for this problem."""
 
-    def __init__(self, lib: _Library, n: int, ks: int, m: int, ld_x: int, dtype: torch.dtype, alg_id: int):
-        self.lib = lib
+    def __init__(self, lib: _Library, device: torch.device, n: int, ks: int, m: int, ld_x: int,
+                 dtype: torch.dtype, alg_id: int | None = None):
+        self.lib, self.handle = lib, lib.handle(device)
+        self._made: list[tuple[str, ctypes.Array]] = []  # what was initialised, with its destroy function
         self.sparse, self.x, self.y = _opaque(), _opaque(), _opaque()
         self.matmul, self.alg, self.plan = _opaque(), _opaque(), _opaque()
-        i64, u32 = ctypes.c_int64, ctypes.c_uint32
-        value = _CUDA_R[dtype]
-        lib.check("cusparseLtStructuredDescriptorInit", lib.handle, self.sparse, i64(n), i64(ks), i64(ks),
-                  u32(_ALIGNMENT), value, _ORDER_ROW, _SPARSITY_50_PERCENT)
-        lib.check("cusparseLtDenseDescriptorInit", lib.handle, self.x, i64(m), i64(ks), i64(ld_x), u32(_ALIGNMENT),
-                  value, _ORDER_ROW)
-        lib.check("cusparseLtDenseDescriptorInit", lib.handle, self.y, i64(n), i64(m), i64(n), u32(_ALIGNMENT),
-                  value, _ORDER_COL)
-        lib.check("cusparseLtMatmulDescriptorInit", lib.handle, self.matmul, _OP_N, _OP_T, self.sparse, self.x,
-                  self.y, self.y, _COMPUTE_32F)
-        lib.check("cusparseLtMatmulAlgSelectionInit", lib.handle, self.alg, self.matmul, _ALG_DEFAULT)
-        config = ctypes.c_int(alg_id)
-        lib.check("cusparseLtMatmulAlgSetAttribute", lib.handle, self.alg, _ALG_CONFIG_ID, ctypes.byref(config),
+        i64, u32, value, handle = ctypes.c_int64, ctypes.c_uint32, _CUDA_R[dtype], self.handle
+        self._init("cusparseLtMatDescriptorDestroy", "cusparseLtStructuredDescriptorInit", handle, self.sparse,
+                   i64(n), i64(ks), i64(ks), u32(_ALIGNMENT), value, _ORDER_ROW, _SPARSITY_50_PERCENT)
+        self._init("cusparseLtMatDescriptorDestroy", "cusparseLtDenseDescriptorInit", handle, self.x, i64(m), i64(ks),
+                   i64(ld_x), u32(_ALIGNMENT), value, _ORDER_ROW)
+        self._init("cusparseLtMatDescriptorDestroy", "cusparseLtDenseDescriptorInit", handle, self.y, i64(n), i64(m),
+                   i64(n), u32(_ALIGNMENT), value, _ORDER_COL)
+        self._init("cusparseLtMatmulDescriptorDestroy", "cusparseLtMatmulDescriptorInit", handle, self.matmul, _OP_N,
+                   _OP_T, self.sparse, self.x, self.y, self.y, _COMPUTE_32F)
+        self._init("cusparseLtMatmulAlgSelectionDestroy", "cusparseLtMatmulAlgSelectionInit", handle, self.alg,
+                   self.matmul, _ALG_DEFAULT)
+        config = ctypes.c_int(0)
+        lib.check("cusparseLtMatmulAlgGetAttribute", handle, self.alg, _ALG_CONFIG_MAX_ID, ctypes.byref(config),
                   ctypes.sizeof(config))
-        lib.check("cusparseLtMatmulPlanInit", lib.handle, self.plan, self.matmul, self.alg)
+        self.max_alg_id = config.value
+        if alg_id is not None:
+            config.value = alg_id
+            lib.check("cusparseLtMatmulAlgSetAttribute", handle, self.alg, _ALG_CONFIG_ID, ctypes.byref(config),
+                      ctypes.sizeof(config))
+        self._init("cusparseLtMatmulPlanDestroy", "cusparseLtMatmulPlanInit", handle, self.plan, self.matmul,
+                   self.alg)
         size = ctypes.c_size_t(0)
-        lib.check("cusparseLtMatmulGetWorkspace", lib.handle, self.plan, ctypes.byref(size))
+        lib.check("cusparseLtMatmulGetWorkspace", handle, self.plan, ctypes.byref(size))
         self.workspace_bytes = size.value
 
+    def _init(self, destroy: str, name: str, handle: ctypes.Array, struct: ctypes.Array, *args) -> None:
+        self.lib.check(name, handle, struct, *args)
+        self._made.append((destroy, struct))
+
     def __del__(self):
-        destroy = self.lib.lib
-        destroy.cusparseLtMatmulPlanDestroy(self.plan)
-        destroy.cusparseLtMatmulAlgSelectionDestroy(self.alg)
-        for descriptor in (self.sparse, self.x, self.y):
-            destroy.cusparseLtMatDescriptorDestroy(descriptor)
+        for destroy, struct in reversed(getattr(self, "_made", ())):  # only what was initialised, plan first
+            function = getattr(self.lib.lib, destroy, None)  # cusparseLtMatmulDescriptorDestroy: 0.7+
+            if function is not None:
+                function(struct)
 
 
-# Plans by (N, Ks, M, x's row stride, dtype, device), algorithms by the same less M, one workspace per
-# device (calls on one stream run one after another), all built outside CUDA-graph capture (``has_plan``).
+# Plans by (N, Ks, M, x's row stride, dtype, device), algorithms by the same less M, and what cuSPARSELt
+# refused, all built outside CUDA-graph capture (``has_plan``). One workspace per device, calls on one stream
+# running one after another; one it outgrows is kept, since CUDA graphs captured before still point to it.
 _plans: dict[tuple, Plan] = {}
 _alg_ids: dict[tuple, int] = {}
+_refused: dict[tuple, str] = {}
 _workspaces: dict[torch.device, torch.Tensor] = {}
+_outgrown_workspaces: list[torch.Tensor] = []
 _lock = threading.Lock()
 _ONE = ctypes.c_float(1.0)
 # Rows of the problem each weight shape's algorithm is chosen on (``_alg_id``).
@@ -202,11 +225,11 @@ SEARCH_REPEATS = 3
 
 
 def _alg_id(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> int:
-    """The fastest of cuSPARSELt's algorithms (its config ids 0, 1, ... as far as a plan accepts them) for
-    this weight shape, timed once with CUDA events on ``SEARCH_ROWS`` rows of random activations laid out as
-    ``x_sparse`` (same row stride): the median of ``SEARCH_REPEATS`` calls each, after one. Our own timing
-    rather than torch's ``_cslt_sparse_mm_search``, which times another layout (contiguous activations) and
-    picked algorithms up to 8% slower than the best on the 8B shapes (docs/KERNELS.md)."""
+    """The fastest of cuSPARSELt's algorithm configs for this weight shape, timed once with CUDA events on
+    ``SEARCH_ROWS`` rows of random activations laid out as ``x_sparse`` (same row stride): the median of
+    ``SEARCH_REPEATS`` calls each, after one; a config that fails is skipped. Our own timing rather than
+    torch's ``_cslt_sparse_mm_search``, which times another layout (contiguous activations) and picked
+    algorithms up to 8% slower than the best on the 8B shapes (docs/KERNELS.md)."""
     ks, ld, dtype, device = x_sparse.shape[1], x_sparse.stride(0), x_sparse.dtype, x_sparse.device
     key = (n, ks, ld, dtype, device)
     if key in _alg_ids:
@@ -214,24 +237,24 @@ def _alg_id(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> int:
     x = torch.randn(SEARCH_ROWS, ld, device=device, dtype=dtype)[:, :ks]
     y = torch.zeros(SEARCH_ROWS, n, device=device, dtype=dtype)
     times = {}
-    for alg in itertools.count():
+    for alg in range(Plan(library(), device, n, ks, SEARCH_ROWS, ld, dtype).max_alg_id):
         try:
-            plan = Plan(library(), n, ks, SEARCH_ROWS, ld, dtype, alg)
-        except CusparseLtError:  # past the last config id
-            break
-        workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
-        run_plan(plan, compressed, x, y, workspace)
-        samples = []
-        for _ in range(SEARCH_REPEATS):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            plan = Plan(library(), device, n, ks, SEARCH_ROWS, ld, dtype, alg)
+            workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
             run_plan(plan, compressed, x, y, workspace)
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop))
+            samples = []
+            for _ in range(SEARCH_REPEATS):
+                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                run_plan(plan, compressed, x, y, workspace)
+                stop.record()
+                stop.synchronize()
+                samples.append(start.elapsed_time(stop))
+        except CusparseLtError:
+            continue
         times[alg] = sorted(samples)[len(samples) // 2]
     if not times:
-        raise CusparseLtError(f"cuSPARSELt: no algorithm takes a [{n}, {ks}] {dtype} region")
+        raise CusparseLtError(f"cuSPARSELt: no algorithm runs a [{n}, {ks}] {dtype} region")
     _alg_ids[key] = min(times, key=times.get)
     return _alg_ids[key]
 
@@ -248,20 +271,41 @@ def has_plan(n: int, ks: int, rows: int, row_stride: int, dtype: torch.dtype, de
     return (n, ks, rows, row_stride, dtype, device) in _plans
 
 
+def refused(n: int, ks: int, rows: int, row_stride: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether building that plan failed before (logged once): the caller takes another path."""
+    return (n, ks, rows, row_stride, dtype, device) in _refused
+
+
 def _plan(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> Plan:
+    """The plan for this shape, built the first time: with the shape's algorithm (``_alg_id``), or
+    cuSPARSELt's default where that one refuses this row count. A failure (or no memory for the workspace)
+    is remembered and raised as ``CusparseLtError``, for the caller to fall back on."""
     ks, device, dtype = x_sparse.shape[1], x_sparse.device, x_sparse.dtype
     key = (n, ks, x_sparse.shape[0], x_sparse.stride(0), dtype, device)
     plan = _plans.get(key)
-    if plan is None:
-        with _lock:
-            plan = _plans.get(key)
-            if plan is None:
-                plan = Plan(library(), n, ks, x_sparse.shape[0], x_sparse.stride(0), dtype,
-                            _alg_id(compressed, n, x_sparse))
-                workspace = _workspaces.get(device)
-                if workspace is None or workspace.numel() < plan.workspace_bytes:
-                    _workspaces[device] = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
-                _plans[key] = plan
+    if plan is not None:
+        return plan
+    with _lock:
+        if key in _refused:
+            raise CusparseLtError(_refused[key])
+        if key in _plans:
+            return _plans[key]
+        try:
+            alg_id = _alg_id(compressed, n, x_sparse)
+            try:
+                plan = Plan(library(), device, n, ks, x_sparse.shape[0], x_sparse.stride(0), dtype, alg_id)
+            except CusparseLtError:
+                plan = Plan(library(), device, n, ks, x_sparse.shape[0], x_sparse.stride(0), dtype)
+            workspace = _workspaces.get(device)
+            if workspace is None or workspace.numel() < plan.workspace_bytes:
+                if workspace is not None:
+                    _outgrown_workspaces.append(workspace)
+                _workspaces[device] = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
+        except Exception as error:  # noqa: BLE001 - while serving, a refusal must not stop the server
+            _refused[key] = f"cuSPARSELt: no plan for {list(key[:4])} {dtype}: {error}"
+            logger.warning("Spense: %s; that size takes the expansion path", _refused[key])
+            raise CusparseLtError(_refused[key]) from error
+        _plans[key] = plan
     return plan
 
 
@@ -273,6 +317,9 @@ def check_operands(compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Te
     if x_sparse.dtype not in _CUDA_R or y.dtype != x_sparse.dtype or compressed.dtype != x_sparse.dtype:
         raise ValueError(f"cusparselt: x, y and the compressed weight must all be bfloat16, found "
                          f"{x_sparse.dtype}, {y.dtype}, {compressed.dtype}")
+    if compressed.device != x_sparse.device or y.device != x_sparse.device:
+        raise ValueError(f"cusparselt: the compressed weight ({compressed.device}) and y ({y.device}) must be on "
+                         f"x's device ({x_sparse.device})")
     if y.shape[0] != m or not y.is_contiguous() or x_sparse.stride(1) != 1:
         raise ValueError(f"cusparselt: y must be a contiguous [{m}, N] tensor and x's rows contiguous, found "
                          f"y {list(y.shape)}, x strides {x_sparse.stride()}")
@@ -299,7 +346,8 @@ def run_plan(plan: Plan, compressed: torch.Tensor, x_sparse: torch.Tensor, y: to
     """One ``cusparseLtMatmul`` of ``plan`` (D = C = y, alpha = beta = 1) on the current stream; the operands
     as ``add_sparse_product`` checks them (benchmarks/bench_cusparselt.py times plans of chosen algorithms)."""
     stream = ctypes.c_void_p(torch.cuda.current_stream(x_sparse.device).cuda_stream)
-    plan.lib.check("cusparseLtMatmul", plan.lib.handle, plan.plan, ctypes.byref(_ONE),
-                   ctypes.c_void_p(compressed.data_ptr()), ctypes.c_void_p(x_sparse.data_ptr()), ctypes.byref(_ONE),
-                   ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(y.data_ptr()),
-                   ctypes.c_void_p(workspace.data_ptr()), ctypes.byref(stream), 1)
+    with torch.cuda.device(x_sparse.device):
+        plan.lib.check("cusparseLtMatmul", plan.handle, plan.plan, ctypes.byref(_ONE),
+                       ctypes.c_void_p(compressed.data_ptr()), ctypes.c_void_p(x_sparse.data_ptr()),
+                       ctypes.byref(_ONE), ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(y.data_ptr()),
+                       ctypes.c_void_p(workspace.data_ptr()), ctypes.byref(stream), 1)

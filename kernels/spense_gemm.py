@@ -1133,13 +1133,18 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         raise ValueError("spense_gemm: quantize_x (W8A8) needs the mma or unpack kernel, not gemv")
     if config.kernel == "sparse_cores" and not sparse_cores:
         raise ValueError("spense_gemm: the sparse_cores path needs a weight with_sparse_cores()")
-    capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if config.kernel == "sparse_cores" and m > 0 and capturing and not cusparselt.has_plan(
-            weight.n, weight.sparse_channels.numel(), _sparse_cores_rows(m), weight.k, x.dtype, x.device):
-        config = UNPACK_AND_CUBLAS  # no cuSPARSELt plan may be built inside a CUDA-graph capture
     if config.kernel == "sparse_cores" and m > 0:
-        y = _prefill_on_sparse_cores(x.contiguous(), weight, bias)
-        return y if out is None else out.copy_(y)
+        plan = (weight.n, weight.sparse_channels.numel(), _sparse_cores_rows(m), weight.k, x.dtype, x.device)
+        # No plan may be built inside a CUDA-graph capture; a size cuSPARSELt refused takes the expansion path.
+        if cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
+                                         and not cusparselt.has_plan(*plan)):
+            config = UNPACK_AND_CUBLAS
+        else:
+            try:
+                y = _prefill_on_sparse_cores(x.contiguous(), weight, bias)
+                return y if out is None else out.copy_(y)
+            except cusparselt.CusparseLtError:  # refused at this size (logged once, remembered)
+                config = UNPACK_AND_CUBLAS
     if config.kernel == "unpack" and m > 0:  # prefill: cuBLAS allocates its own output; copy only into ``out``
         y = _prefill(x.contiguous(), weight, bias, config)
         return y if out is None else out.copy_(y)
@@ -1214,5 +1219,8 @@ def warm_up(weight: SpenseGemmWeight, dtype: torch.dtype, bias: torch.Tensor | N
     row_counts = warmup_row_counts(weight.n, weight.k, weight.is_fp8, device)
     if weight.sparse_compressed is not None:  # cuSPARSELt plans for the prefill sizes vLLM captures (<= 512)
         row_counts += range(MMA_MAX_M + SPARSE_CORES_ROW_STEP, CAPTURED_PREFILL_MAX_M + 1, SPARSE_CORES_ROW_STEP)
+        # and the expansion path's kernels, which a capture of a size without a plan (or a refused size) takes
+        spense_gemm(torch.zeros(MMA_MAX_M + 1, weight.k, device=device, dtype=dtype), weight, bias,
+                    config=UNPACK_AND_CUBLAS)
     for m in row_counts:
         spense_gemm(torch.zeros(m, weight.k, device=device, dtype=dtype), weight, bias)

@@ -1,11 +1,13 @@
 """The cuSPARSELt prefill path's CPU-side logic: sharing the kept values with cuSPARSELt's compressed
-operand (the metadata rebuilt where it placed a group's zeros elsewhere), the operand checks, and the
-dispatch. cuSPARSELt itself runs on GPUs only: benchmarks/check_kernels_gpu.py and check_plugin_gpu.py
-check its products against fp64 there.
+operand (the metadata rebuilt where it placed a group's zeros elsewhere), the operand checks, the choice
+of path, and the path around the cuSPARSELt call, with cuSPARSELt (CUDA only) stood in for by PyTorch.
+cuSPARSELt itself runs on GPUs only: benchmarks/check_kernels_gpu.py and check_plugin_gpu.py check its
+products against fp64 there. Not covered here: the fallback during CUDA-graph capture.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -73,16 +75,95 @@ def test_metadata_is_none_where_values_fit_no_positions():
     assert cusparselt._metadata_for(region, dropped) is None
 
 
-def small_weight(dtype=torch.bfloat16) -> SpenseGemmWeight:
+def compressed_like_cusparselt(region: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """What ``torch._cslt_compress`` returns for a 2:4 region [N, Ks] (a CUDA-only op; its layout measured on
+    the GPU, docs/KERNELS.md): the kept values row by row, here stored at another pair of positions than
+    ``pack`` chose wherever a group allows it, then metadata (filler here: never read on this side)."""
+    n = region.shape[0]
+    values = another_storage(region.view(n, -1, GROUP_SIZE), generator).reshape(-1)
+    return torch.cat((values, torch.full((region.numel() // 8,), 7.0, dtype=region.dtype))).view(n, -1)
+
+
+def sparse_region(weight: SpenseGemmWeight, dense_weight: torch.Tensor) -> torch.Tensor:
+    """The 2:4 region [N, Ks] straight from the unpacked weight's 2:4 channels (not from the packed tensors)."""
+    return dense_weight[:, weight.sparse_channels.long()]
+
+
+def fake_sparse_product(region: torch.Tensor):
+    """``cusparselt.add_sparse_product`` (CUDA only) in plain PyTorch for this region: y += x_s @ region^T."""
+    def add_sparse_product(compressed, x_sparse, y):
+        y += (x_sparse.double() @ region.double().t()).to(y.dtype)
+    return add_sparse_product
+
+
+def packed_case(n: int, k: int, dense_per_chunk: int, zero_fraction: float = 0.0):
+    """(weight as fp32 [N, K], SpenseGemmWeight) with random 2:4 groups, some values exactly 0."""
     generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    mask = random_dense_mask(256, 128, 8, generator)
-    return SpenseGemmWeight.from_packed(pack(random_pruned_weight(48, 256, mask, generator, dtype), mask, 128))
+    mask = random_dense_mask(k, 128, dense_per_chunk, generator)
+    weight = random_pruned_weight(n, k, mask, generator)
+    weight[torch.rand(n, k, generator=generator) < zero_fraction] = 0
+    return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128)), generator
 
 
-def test_weights_off_a_gpu_keep_the_expansion_path():
-    weight = small_weight()
+def test_compress_shares_the_values_and_rebuilds_the_metadata(monkeypatch):
+    weight, gemm, generator = packed_case(48, 512, 8, zero_fraction=0.3)
+    region = sparse_region(gemm, weight)
+    fake = compressed_like_cusparselt(region, generator)
+    monkeypatch.setattr(torch, "_cslt_compress", lambda dense: fake if torch.equal(dense, region) else None)
+    monkeypatch.setattr(cusparselt, "add_sparse_product", fake_sparse_product(region))
+    compressed, meta = cusparselt.compress(gemm.sparse_weight, gemm.sparse_meta, row_stride=512)
+    values = compressed[:gemm.sparse_weight.numel()].view(48, -1, 2)
+    assert torch.equal(values.reshape(-1), fake.reshape(-1)[:values.numel()])
+    assert not torch.equal(meta, gemm.sparse_meta), "the case must make cuSPARSELt's choice differ from pack's"
+    rebuilt = torch.zeros(48, region.shape[1] // GROUP_SIZE, GROUP_SIZE).scatter_(-1, sparse_indices(meta), values)
+    assert torch.equal(rebuilt.view(48, -1), region)
+
+
+def test_compress_refuses_an_operand_that_loses_a_value(monkeypatch, caplog):
+    weight, gemm, generator = packed_case(32, 256, 8)
+    region = sparse_region(gemm, weight)
+    fake = compressed_like_cusparselt(region, generator).clone()
+    fake.view(-1)[5] = 0.0  # one kept value dropped
+    monkeypatch.setattr(torch, "_cslt_compress", lambda dense: fake)
+    monkeypatch.setattr(cusparselt, "add_sparse_product", fake_sparse_product(region))
+    assert cusparselt.compress(gemm.sparse_weight, gemm.sparse_meta, row_stride=256) is None
+    assert "stays off cuSPARSELt" in caplog.text and "do not fit any pair" in caplog.text
+
+
+@pytest.mark.parametrize("dense_per_chunk", [0, 8])
+def test_prefill_path_on_sparse_cores_matches_fp64(monkeypatch, dense_per_chunk):
+    """The path around the cuSPARSELt call: x permuted into whole 128-row steps, the dense region by torch.mm
+    with the bias, the 2:4 product added, the padding rows dropped, ``out`` filled (cuSPARSELt stood in for
+    by plain PyTorch; fp32 in Triton's interpreter)."""
+    weight, gemm, _ = packed_case(40, 256, dense_per_chunk)
+    gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
+    monkeypatch.setattr(cusparselt, "add_sparse_product", fake_sparse_product(sparse_region(gemm, weight)))
+    x, bias = torch.randn(MMA_MAX_M + 45, 256), torch.randn(40)
+    out = torch.full((x.shape[0], 40), float("nan"))
+    spense_gemm(x, gemm, bias, out=out)
+    reference = x.double() @ weight.double().t() + bias.double()
+    assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-5
+
+
+def test_a_size_cusparselt_refuses_takes_the_expansion_path(monkeypatch):
+    weight, gemm, _ = packed_case(40, 256, 8)
+    gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
+
+    def refuse(compressed, x_sparse, y):
+        raise cusparselt.CusparseLtError("cuSPARSELt: refused (test)")
+    monkeypatch.setattr(cusparselt, "add_sparse_product", refuse)
+    x = torch.randn(MMA_MAX_M + 3, 256)
+    reference = x.double() @ weight.double().t()
+    y = spense_gemm(x, gemm)
+    assert ((y.double() - reference).norm() / reference.norm()).item() < 1e-5
+
+
+def test_fp16_fp32_and_fp8_weights_stay_off_cusparselt():
+    """bf16 only: with fp16 values cuSPARSELt's algorithm search crashed the CUDA context (docs/KERNELS.md)."""
+    cuda = torch.device("cuda")
+    for dtype in (torch.float16, torch.float32, torch.float8_e4m3fn):
+        assert not cusparselt.available(cuda, dtype)
     assert not cusparselt.available(torch.device("cpu"), torch.bfloat16)
-    assert weight.with_sparse_cores() is weight
 
 
 def test_prefill_goes_to_cusparselt_only_past_the_mma_rows():
@@ -95,9 +176,9 @@ def test_prefill_goes_to_cusparselt_only_past_the_mma_rows():
 
 
 def test_sparse_cores_config_needs_a_compressed_weight():
-    weight = small_weight(torch.float32)
+    _, gemm, _ = packed_case(48, 256, 8)
     with pytest.raises(ValueError, match="with_sparse_cores"):
-        spense_gemm(torch.randn(300, 256), weight, config=SPARSE_CORES_PREFILL)
+        spense_gemm(torch.randn(300, 256), gemm, config=SPARSE_CORES_PREFILL)
 
 
 def test_operand_checks_name_what_is_wrong():
