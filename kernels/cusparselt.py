@@ -2,10 +2,12 @@
 plans kept across calls.
 
 Triton's MMAs are dense, so at prefill (compute-bound) the fused kernels cannot beat cuBLAS on the whole
-weight; cuSPARSELt's sparse MMAs do the 2:4 region's work in about half the time. torch ships the library and
-``torch._cslt_sparse_mm``, but that op builds its cuSPARSELt plan on every call: 0.4-1.1 ms of host time per
-call on an H200 (docs/KERNELS.md), more than the GEMM itself below M = 8192. Here a plan is built once per
-(weight shape, rows, dtype) and a call costs one ``cusparseLtMatmul``.
+weight; only sparse MMAs can do the 2:4 region's work in less time (on the H200, through cuSPARSELt, 1.0-1.15x
+faster than dense cuBLAS on the same columns of the Qwen3-8B shapes, docs/KERNELS.md). torch ships the
+library and ``torch._cslt_sparse_mm``, but that op builds its cuSPARSELt plan on every call: 482-562 us of
+host time per call on an H200, more than the GEMM itself below M = 4096. Here a plan is built once per
+(weight shape, rows, row stride, dtype, device) and a call costs one ``cusparseLtMatmul`` (22-32 us of host
+time).
 
 The operand is what ``torch._cslt_compress`` makes of the 2:4 region ``[N, 4 * GS]``: the kept values in
 ``sparse_weight``'s own order (row-major ``[N, 2 * GS]``, measured equal) followed by cuSPARSELt's metadata.
