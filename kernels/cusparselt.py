@@ -5,7 +5,7 @@ Triton's MMAs are dense, so at prefill (compute-bound) the fused kernels cannot 
 weight; only sparse MMAs can do the 2:4 region's work in less time (on the H200, through cuSPARSELt, 1.0-1.15x
 faster than dense cuBLAS on the same columns of the Qwen3-8B shapes, docs/KERNELS.md). torch ships the
 library and ``torch._cslt_sparse_mm``, but that op builds its cuSPARSELt plan on every call: 482-562 us of
-host time per call on an H200, more than the GEMM itself below M = 4096. Here a plan is built once per
+host time per call on an H200, more than cuBLAS takes for the 8B qkv GEMM up to M = 4096. Here a plan is built once per
 (weight shape, rows, row stride, dtype, device) and a call costs one ``cusparseLtMatmul`` (22-32 us of host
 time).
 
