@@ -25,6 +25,7 @@ import triton.testing
 
 from bench_gemm import SHAPES
 from benchmarks_common import spense_weight_for
+from vllm_spense.format import sparse_region
 from vllm_spense.kernels import cusparselt
 from vllm_spense.kernels.spense_gemm import permute_columns, spense_gemm
 
@@ -70,7 +71,7 @@ def parts(w, base: torch.Tensor, x: torch.Tensor, x_perm: torch.Tensor, y: torch
     x_sparse = x_perm[:, kd:]
     x_contiguous = x_sparse.contiguous()
     y_alone = torch.zeros_like(y)  # for the contiguous columns: another plan (row stride Ks)
-    region = torch.sparse.to_sparse_semi_structured(cusparselt._region(w.sparse_weight, w.sparse_meta))
+    region = torch.sparse.to_sparse_semi_structured(sparse_region(w.sparse_weight, w.sparse_meta).view(n, -1))
 
     def ours():
         cusparselt.add_sparse_product(w.sparse_compressed, x_sparse, y)

@@ -24,15 +24,13 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # on Hopper, DeepSeek-V3 report, section 3.3.2): bf16-level error whatever the output dtype. Measured worst
 # 2.0e-3 for fp16 on the H100 (n=37, k=256, split-K), against 2.4e-4 for W8A16.
 W8A8_TOLERANCE = 1e-2
-# (N, K, dense groups per 32-group chunk, fraction of values set to exactly 0)
-SHAPES = [(6144, 4096, 8, 0.0), (4096, 12288, 4, 0.0), (2560, 5120, 0, 0.0), (1000, 640, 16, 0.0),
-          (37, 256, 2, 0.0)]
+SHAPES = [(6144, 4096, 8), (4096, 12288, 4), (2560, 5120, 0), (1000, 640, 16), (37, 256, 2)]
 MS = [1, 2, 3, 16, 17, 64, 100, 256, 1000, 4096]
 # --quick (what runs under compute-sanitizer, ~100x slower): ragged shapes, every path still reached.
-QUICK_SHAPES = [(1000, 640, 16, 0.0), (37, 256, 2, 0.0)]
+QUICK_SHAPES = [(1000, 640, 16), (37, 256, 2)]
 QUICK_MS = [1, 2, 3, 17, 100, 300]
 # 16-bit values only: a third of the values zero, for cuSPARSELt's placement of zeros (``random_case``).
-ZEROS_SHAPE = (2048, 1024, 8, 0.3)
+ZEROS_SHAPE, ZERO_FRACTION = (2048, 1024, 8), 0.3
 
 
 def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: bool = False,
@@ -71,7 +69,8 @@ def main(quick: bool = False) -> int:
                   "w8a8 mma split-k": KernelConfig(16, 64, 128, 32, 4, 4, 4, quantize_x=True)}
     for dtype, fp8 in ((torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True),
                        (torch.float16, True)):
-        for n, k, dense, zeros in shapes if fp8 else shapes + [ZEROS_SHAPE]:
+        cases = [(shape, 0.0) for shape in shapes] + ([] if fp8 else [(ZEROS_SHAPE, ZERO_FRACTION)])
+        for (n, k, dense), zeros in cases:
             weight, gemm = random_case(n, k, dense, dtype, fp8, zeros)
             bias = torch.randn(n, device="cuda", dtype=dtype)
             ref_w = weight.double()
@@ -82,14 +81,13 @@ def main(quick: bool = False) -> int:
                   f"cuSPARSELt {'yes' if on_sparse_cores.sparse_compressed is not None else 'no'}"
                   f"{', metadata rebuilt' if on_sparse_cores.sparse_meta is not gemm.sparse_meta else ''}")
             for m in ms:
-                paths = {"auto": (None, gemm), **{p: (c, gemm) for p, c in (forced if m <= 64 else {}).items()},
-                         **{p: (c, gemm) for p, c in (forced_gemv if m <= 4 else {}).items()}}
+                paths = {"auto": None, **(forced if m <= 64 else {}), **(forced_gemv if m <= 4 else {})}
                 if fp8:
-                    paths.update({p: (c, gemm) for p, c in (forced_fp8 if m <= 64 else {
-                        "w8a16 unpack": UNPACK_AND_CUBLAS}).items()})
+                    paths.update(forced_fp8 if m <= 64 else {"w8a16 unpack": UNPACK_AND_CUBLAS})
+                runs = [(path, config, gemm) for path, config in paths.items()]
                 if on_sparse_cores is not gemm:
-                    paths["sparse cores weight"] = (None, on_sparse_cores)
-                for path, (config, weight_used) in paths.items():
+                    runs.append(("sparse cores weight", None, on_sparse_cores))
+                for path, config, weight_used in runs:
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
                     spense_gemm(x, weight_used, bias, config=config, out=out)

@@ -30,7 +30,7 @@ import threading
 
 import torch
 
-from vllm_spense.format import GROUP_SIZE, sparse_indices
+from vllm_spense.format import GROUP_SIZE, sparse_region
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +96,6 @@ def available(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.cuda.get_device_capability(device) in _ARCHITECTURES)
 
 
-def _region(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
-    """Rows of the 2:4 region ``[rows, 4 * GS]`` from their kept values and metadata (zeros elsewhere)."""
-    kept = sparse_indices(meta)
-    region = torch.zeros(*kept.shape[:2], GROUP_SIZE, dtype=values.dtype, device=values.device)
-    return region.scatter_(-1, kept, values.view(*kept.shape)).view(values.shape[0], -1)
-
-
 def _metadata_for(region: torch.Tensor, values: torch.Tensor) -> torch.Tensor | None:
     """``sparse_meta`` rows that place ``values`` ``[rows, GS, 2]`` back into ``region`` ``[rows, GS, 4]``: per
     group the first ascending pair of positions holding the two values with zeros at the other two, or None
@@ -135,8 +128,8 @@ def compress(sparse_weight: torch.Tensor, sparse_meta: torch.Tensor, row_stride:
     off: the caller then keeps the expansion path."""
     n, ks = sparse_weight.shape[0], 2 * sparse_weight.shape[1]
     try:
-        region = torch.cat([_region(sparse_weight[r:r + rows_per_step], sparse_meta[r:r + rows_per_step])
-                            for r in range(0, n, rows_per_step)])
+        region = torch.cat([sparse_region(sparse_weight[r:r + rows_per_step], sparse_meta[r:r + rows_per_step])
+                            for r in range(0, n, rows_per_step)]).view(n, ks)
         compressed = torch._cslt_compress(region).reshape(-1)
         values = compressed[:sparse_weight.numel()].view(n, -1, 2)
         meta = sparse_meta

@@ -805,7 +805,7 @@ class SpenseGemmWeight:
         Unchanged where cuSPARSELt cannot take the weight: no sparse tensor cores, FP8 or fp32 values, a
         shape it refuses, or a compressed operand that fails ``cusparselt.compress``'s check."""
         kd, ks = self.dense_channels.numel(), self.sparse_channels.numel()
-        if (self.sparse_compressed is not None or self.is_fp8 or ks == 0 or self.n % 16 or ks % 64 or kd % 8
+        if (self.sparse_compressed is not None or ks == 0 or self.n % 16 or ks % 64 or kd % 8
                 or not cusparselt.available(self.sparse_weight.device, self.sparse_weight.dtype)):
             return self
         compressed = cusparselt.compress(self.sparse_weight, self.sparse_meta, self.k)

@@ -22,17 +22,18 @@ from vllm_spense.kernels.spense_gemm import (MMA_MAX_M, SPARSE_CORES_PREFILL, UN
 PAIRS = list(itertools.combinations(range(GROUP_SIZE), 2))
 
 
-def groups_with_few_nonzeros(rows: int, groups: int, generator: torch.Generator) -> torch.Tensor:
-    """A 2:4 region [rows, groups, 4] in fp16 where about a third of the groups keep one nonzero and a
-    sixth none, so more than one pair of positions stores each of those groups."""
-    values = torch.randn(rows, groups, GROUP_SIZE, generator=generator).to(torch.float16)
-    keep = torch.rand(rows, groups, GROUP_SIZE, generator=generator).argsort(-1)[..., :2]
-    region = torch.zeros_like(values).scatter_(-1, keep, values.gather(-1, keep))
-    draw = torch.rand(rows, groups, generator=generator)
-    one = (draw >= 1 / 6) & (draw < 0.5)
-    region[one] = region[one].scatter(-1, keep[one][:, :1], 0.0)
-    region[draw < 1 / 6] = 0
-    return region
+def packed_case(n: int, k: int, dense_per_chunk: int, zero_fraction: float = 0.0):
+    """(weight as fp32 [N, K], SpenseGemmWeight) with random 2:4 groups, some values exactly 0."""
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    mask = random_dense_mask(k, 128, dense_per_chunk, generator)
+    weight = random_pruned_weight(n, k, mask, generator)
+    weight[torch.rand(n, k, generator=generator) < zero_fraction] = 0
+    return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128)), generator
+
+
+def region_from_weight(weight: SpenseGemmWeight, dense_weight: torch.Tensor) -> torch.Tensor:
+    """The 2:4 region [N, Ks] straight from the unpacked weight's 2:4 channels (not from the packed tensors)."""
+    return dense_weight[:, weight.sparse_channels.long()]
 
 
 def another_storage(region: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -49,9 +50,9 @@ def another_storage(region: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 def test_metadata_rebuilt_for_values_stored_at_other_positions():
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    rows, groups = 37, 26  # an even number of groups: two a metadata byte
-    region = groups_with_few_nonzeros(rows, groups, generator)
+    weight, gemm, generator = packed_case(37, 256, 8, zero_fraction=0.3)  # 48 2:4 groups a row
+    rows, region = 37, region_from_weight(gemm, weight).view(37, -1, GROUP_SIZE)
+    groups = region.shape[1]
     values = another_storage(region, generator)
     meta = cusparselt._metadata_for(region, values)
     assert meta is not None and meta.shape == (rows, groups // 2) and meta.dtype == torch.uint8
@@ -61,8 +62,8 @@ def test_metadata_rebuilt_for_values_stored_at_other_positions():
 
 
 def test_metadata_is_none_where_values_fit_no_positions():
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    region = groups_with_few_nonzeros(4, 8, generator)
+    weight, gemm, generator = packed_case(4, 128, 8, zero_fraction=0.3)
+    region = region_from_weight(gemm, weight).view(4, -1, GROUP_SIZE)
     values = another_storage(region, generator)
     nan = values.clone()
     nan[2, 5, 0] = float("nan")
@@ -84,11 +85,6 @@ def compressed_like_cusparselt(region: torch.Tensor, generator: torch.Generator)
     return torch.cat((values, torch.full((region.numel() // 8,), 7.0, dtype=region.dtype))).view(n, -1)
 
 
-def sparse_region(weight: SpenseGemmWeight, dense_weight: torch.Tensor) -> torch.Tensor:
-    """The 2:4 region [N, Ks] straight from the unpacked weight's 2:4 channels (not from the packed tensors)."""
-    return dense_weight[:, weight.sparse_channels.long()]
-
-
 def fake_sparse_product(region: torch.Tensor):
     """``cusparselt.add_sparse_product`` (CUDA only) in plain PyTorch for this region: y += x_s @ region^T."""
     def add_sparse_product(compressed, x_sparse, y):
@@ -96,18 +92,9 @@ def fake_sparse_product(region: torch.Tensor):
     return add_sparse_product
 
 
-def packed_case(n: int, k: int, dense_per_chunk: int, zero_fraction: float = 0.0):
-    """(weight as fp32 [N, K], SpenseGemmWeight) with random 2:4 groups, some values exactly 0."""
-    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
-    mask = random_dense_mask(k, 128, dense_per_chunk, generator)
-    weight = random_pruned_weight(n, k, mask, generator)
-    weight[torch.rand(n, k, generator=generator) < zero_fraction] = 0
-    return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128)), generator
-
-
 def test_compress_shares_the_values_and_rebuilds_the_metadata(monkeypatch):
     weight, gemm, generator = packed_case(48, 512, 8, zero_fraction=0.3)
-    region = sparse_region(gemm, weight)
+    region = region_from_weight(gemm, weight)
     fake = compressed_like_cusparselt(region, generator)
     monkeypatch.setattr(torch, "_cslt_compress", lambda dense: fake if torch.equal(dense, region) else None)
     monkeypatch.setattr(cusparselt, "add_sparse_product", fake_sparse_product(region))
@@ -121,7 +108,7 @@ def test_compress_shares_the_values_and_rebuilds_the_metadata(monkeypatch):
 
 def test_compress_refuses_an_operand_that_loses_a_value(monkeypatch, caplog):
     weight, gemm, generator = packed_case(32, 256, 8)
-    region = sparse_region(gemm, weight)
+    region = region_from_weight(gemm, weight)
     fake = compressed_like_cusparselt(region, generator).clone()
     fake.view(-1)[5] = 0.0  # one kept value dropped
     monkeypatch.setattr(torch, "_cslt_compress", lambda dense: fake)
@@ -137,7 +124,7 @@ def test_prefill_path_on_sparse_cores_matches_fp64(monkeypatch, dense_per_chunk)
     by plain PyTorch; fp32 in Triton's interpreter)."""
     weight, gemm, _ = packed_case(40, 256, dense_per_chunk)
     gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
-    monkeypatch.setattr(cusparselt, "add_sparse_product", fake_sparse_product(sparse_region(gemm, weight)))
+    monkeypatch.setattr(cusparselt, "add_sparse_product", fake_sparse_product(region_from_weight(gemm, weight)))
     x, bias = torch.randn(MMA_MAX_M + 45, 256), torch.randn(40)
     out = torch.full((x.shape[0], 40), float("nan"))
     spense_gemm(x, gemm, bias, out=out)

@@ -322,6 +322,13 @@ def sparse_indices(sparse_meta: torch.Tensor) -> torch.Tensor:
     return torch.stack((nibble & 0x3, nibble >> 2), dim=-1).to(torch.int64)
 
 
+def sparse_region(sparse_weight: torch.Tensor, sparse_meta: torch.Tensor) -> torch.Tensor:
+    """The 2:4 groups [N, Gs, 4] from their kept values [N, 2 * Gs] and metadata, zeros at pruned positions."""
+    kept = sparse_indices(sparse_meta)
+    region = torch.zeros(*kept.shape[:2], GROUP_SIZE, dtype=sparse_weight.dtype, device=sparse_weight.device)
+    return region.scatter_(-1, kept, sparse_weight.reshape(*kept.shape))
+
+
 def unpack(packed: PackedSpenseWeight) -> torch.Tensor:
     """Rebuild the dense [N, K] weight (zeros where pruned); exact inverse of ``pack``. FP8 values come
     back dequantized, in float32."""
@@ -332,10 +339,7 @@ def unpack(packed: PackedSpenseWeight) -> torch.Tensor:
         values = values.float() * packed.weight_scale.float()[:, None]
     groups = torch.zeros(n, k // GROUP_SIZE, GROUP_SIZE, dtype=dense.dtype, device=dense.device)
     groups[:, packed.dense_mask, :] = dense.reshape(n, -1, GROUP_SIZE)
-    kept = sparse_indices(packed.sparse_meta)
-    sparse = torch.zeros(n, kept.shape[1], GROUP_SIZE, dtype=groups.dtype, device=groups.device)
-    sparse.scatter_(-1, kept, values.reshape(n, -1, SPARSE_KEPT))
-    groups[:, ~packed.dense_mask, :] = sparse
+    groups[:, ~packed.dense_mask, :] = sparse_region(values, packed.sparse_meta)
     return groups.reshape(n, k)
 
 
