@@ -52,8 +52,8 @@ def algorithms(compressed, n: int, ks: int, x_sparse, y) -> dict[int, float]:
     times = {}
     for alg in range(64):
         try:
-            plan = cusparselt.Plan(cusparselt.library(), n, ks, x_sparse.shape[0], x_sparse.stride(0), x_sparse.dtype,
-                                   alg)
+            plan = cusparselt.Plan(cusparselt.library(), x_sparse.device, n, ks, x_sparse.shape[0], x_sparse.stride(0),
+                                   x_sparse.dtype, alg)
         except cusparselt.CusparseLtError:
             break
         workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device="cuda")
@@ -93,10 +93,85 @@ def parts(w, base: torch.Tensor, x: torch.Tensor, x_perm: torch.Tensor, y: torch
         torch_cslt_host_us=host_us(torch_op), torch_cslt_us=gpu_us(torch_op))
 
 
+def transposed_layout(w, x: torch.Tensor) -> dict:
+    """The path with y written ``[N, M]`` row-major (features-major, as torch's 2:4 ``F.linear`` writes it):
+    the dense region's cuBLAS GEMM and cuSPARSELt (every algorithm config timed at this M, the best kept)
+    into one ``[N, M]`` buffer, then transposed into ``y [M, N]``; against the shipped path, same x."""
+    m, n, kd = x.shape[0], w.n, w.dense_channels.numel()
+    x_perm = permute_columns(x, w.channel_perm, m)
+    x_sparse = x_perm[:, kd:]
+    y_t = torch.empty(n, m, device=x.device, dtype=x.dtype)
+    library = cusparselt.library()
+    configs = cusparselt.Plan(library, x.device, n, x_sparse.shape[1], m, x_sparse.stride(0), x.dtype,
+                              y_transposed=True).max_alg_id
+    times, plans = {}, {}
+    for alg in range(configs):
+        try:
+            plans[alg] = cusparselt.Plan(library, x.device, n, x_sparse.shape[1], m, x_sparse.stride(0), x.dtype, alg,
+                                         y_transposed=True)
+        except cusparselt.CusparseLtError:
+            continue
+        workspace = torch.empty(max(plans[alg].workspace_bytes, 1), dtype=torch.uint8, device=x.device)
+        times[alg] = gpu_us(lambda: cusparselt.run_plan(plans[alg], w.sparse_compressed, x_sparse, y_t, workspace))
+    best = min(times, key=times.get)
+    workspace = torch.empty(max(plans[best].workspace_bytes, 1), dtype=torch.uint8, device=x.device)
+
+    def features_major():
+        x_p = permute_columns(x, w.channel_perm, m)
+        torch.mm(w.dense_weight, x_p[:, :kd].t(), out=y_t)
+        cusparselt.run_plan(plans[best], w.sparse_compressed, x_p[:, kd:], y_t, workspace)
+        return y_t.t().contiguous()
+
+    reference = spense_gemm(x, w).float()
+    error = ((features_major().float() - reference).norm() / reference.norm()).item()
+    return dict(spense_us=gpu_us(lambda: spense_gemm(x, w)), features_major_us=gpu_us(features_major),
+                features_major_vs_spense_error=error, cusparselt_features_major_us=times[best],
+                features_major_algorithm=best, cusparselt_features_major_default_us=times.get(0),
+                transpose_us=gpu_us(lambda: y_t.t().contiguous()),
+                cusparselt_us=gpu_us(lambda: cusparselt.add_sparse_product(
+                    w.sparse_compressed, x_sparse, torch.empty(m, n, device=x.device, dtype=x.dtype))))
+
+
+def host_parts(w, x: torch.Tensor) -> dict:
+    """Host time per call (no synchronisation, so the GPU work queues up behind) of the whole custom op
+    ``torch.ops.spense.linear``, ``spense_gemm`` and each step of the prefill path, against cuBLAS's
+    ``F.linear`` on the dense weight: what a prefill pays where the host, not the GPU, sets the pace."""
+    from vllm_spense.kernels import spense_gemm as gemm
+    from vllm_spense.ops import spense_linear
+
+    m, n, k, kd = x.shape[0], w.n, w.k, w.dense_channels.numel()
+    dense = torch.randn(n, k, device=x.device, dtype=x.dtype)
+    mask = torch.ones(k // 4, dtype=torch.bool, device=x.device)  # the op reads only its size
+    x_perm = permute_columns(x, w.channel_perm, m)
+    y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    reference = spense_gemm(x, w).float()
+    op_error = ((spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask, w.channel_perm, None, None,
+                               w.sparse_compressed).float() - reference).norm() / reference.norm()).item()
+    return dict(
+        op_vs_spense_gemm_error=op_error,
+        cublas_host_us=host_us(lambda: F.linear(x, dense)),
+        op_host_us=host_us(lambda: spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask,
+                                                 w.channel_perm, None, None, w.sparse_compressed)),
+        spense_gemm_host_us=host_us(lambda: spense_gemm(x, w)),
+        prefill_on_sparse_cores_host_us=host_us(lambda: gemm._prefill_on_sparse_cores(x, w, None)),
+        from_channel_perm_host_us=host_us(lambda: gemm.SpenseGemmWeight.from_channel_perm(
+            w.dense_weight, w.sparse_weight, w.sparse_meta, w.channel_perm, None, w.sparse_compressed)),
+        check_inputs_host_us=host_us(lambda: gemm.check_inputs(x, w, None)),
+        choose_config_host_us=host_us(lambda: gemm.choose_config(m, n, k, x.device, False, True)),
+        capturing_host_us=host_us(lambda: torch.cuda.is_current_stream_capturing()),
+        permute_host_us=host_us(lambda: permute_columns(x, w.channel_perm, m)),
+        empty_host_us=host_us(lambda: torch.empty(m, n, device=x.device, dtype=x.dtype)),
+        dense_mm_host_us=host_us(lambda: torch.mm(x_perm[:, :kd], w.dense_weight.t(), out=y)),
+        cusparselt_host_us=host_us(lambda: cusparselt.add_sparse_product(w.sparse_compressed, x_perm[:, kd:], y)),
+        check_operands_host_us=host_us(lambda: cusparselt.check_operands(w.sparse_compressed, x_perm[:, kd:], y)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--algs", action="store_true")
+    parser.add_argument("--layout", action="store_true", help="y features-major + a transpose (transposed_layout)")
+    parser.add_argument("--host", action="store_true", help="host time of the op and its parts (host_parts)")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--ms", nargs="*", type=int, default=MS)
     args = parser.parse_args()
@@ -121,6 +196,10 @@ def main() -> None:
                    "cublas_sparse_columns_dense_us": gpu_us(lambda: torch.mm(x_sparse, sparse_dense.t()))}
             if args.algs:
                 row["cusparselt_algorithms_us"] = algorithms(w.sparse_compressed, n, k - kd, x_sparse, y)
+            elif args.layout:
+                row.update(transposed_layout(w, x))
+            elif args.host:
+                row.update(host_parts(w, x))
             else:
                 row.update(parts(w, base, x, x_perm, y))
             rows.append(row)

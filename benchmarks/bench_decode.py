@@ -137,7 +137,8 @@ class SpenseLinear(torch.nn.Module):
         packed = pack(pruned, mask, CHUNK_SIZE, parts[0][0], weight_scale=fp8_scales(pruned) if fp8 else None)
         linear_kernel.register_packed(self, packed)
         linear_kernel.process_weights_after_loading(self, parts, chunk_size=CHUNK_SIZE,
-                                                    value_dtype=torch.float8_e4m3fn if fp8 else None)
+                                                    value_dtype=torch.float8_e4m3fn if fp8 else None,
+                                                    activation_dtype=weight.dtype)  # as vLLM's params_dtype
         self.reference, self.errors = False, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -273,7 +274,10 @@ def set_check_mode(model: torch.nn.Module, reference: bool = False, errors: list
 
 
 def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of the storages behind ``tensors``, each counted once (``sparse_weight`` is a view into
+    ``sparse_compressed`` where the 2:4 region went to cuSPARSELt)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
 
 
 def weight_bytes(model: Decoder) -> dict[str, int]:

@@ -160,10 +160,12 @@ CHECK_TOLERANCE = 1e-2  # bf16 products against fp32: 1.96e-3 at worst in check_
 class Plan:
     """Descriptors and plan of one ``y[M, N] += x_s[M, Ks] @ W_s^T`` shape on one GPU with one algorithm
     (cuSPARSELt's default where ``alg_id`` is None); the descriptors stay alive as long as the plan, which
-    refers to them. ``max_alg_id``: how many algorithm configs cuSPARSELt has for this problem."""
+    refers to them. ``max_alg_id``: how many algorithm configs cuSPARSELt has for this problem.
+    ``y_transposed``: y is ``[N, M]`` row-major instead (the layout torch's 2:4 ``F.linear`` writes;
+    benchmarks/bench_cusparselt.py ``--layout`` times it)."""
 
     def __init__(self, lib: _Library, device: torch.device, n: int, ks: int, m: int, ld_x: int,
-                 dtype: torch.dtype, alg_id: int | None = None):
+                 dtype: torch.dtype, alg_id: int | None = None, y_transposed: bool = False):
         self.lib, self.handle = lib, lib.handle(device)
         self._made: list[tuple[str, ctypes.Array]] = []  # what was initialised, with its destroy function
         self.sparse, self.x, self.y = _opaque(), _opaque(), _opaque()
@@ -174,7 +176,7 @@ class Plan:
         self._init("cusparseLtMatDescriptorDestroy", "cusparseLtDenseDescriptorInit", handle, self.x, i64(m), i64(ks),
                    i64(ld_x), u32(_ALIGNMENT), value, _ORDER_ROW)
         self._init("cusparseLtMatDescriptorDestroy", "cusparseLtDenseDescriptorInit", handle, self.y, i64(n), i64(m),
-                   i64(n), u32(_ALIGNMENT), value, _ORDER_COL)
+                   i64(m if y_transposed else n), u32(_ALIGNMENT), value, _ORDER_ROW if y_transposed else _ORDER_COL)
         self._init("cusparseLtMatmulDescriptorDestroy", "cusparseLtMatmulDescriptorInit", handle, self.matmul, _OP_N,
                    _OP_T, self.sparse, self.x, self.y, self.y, _COMPUTE_32F)
         self._init("cusparseLtMatmulAlgSelectionDestroy", "cusparseLtMatmulAlgSelectionInit", handle, self.alg,

@@ -117,3 +117,14 @@ def test_decode_only_run_without_prefill_sizes(tmp_path):
                               "--json", str(out)]) == 0
     variants = json.loads(out.read_text())["variants"]
     assert variants["rho=0.25"]["decode"]["2"]["tokens_per_s"] > 0 and not variants["rho=0.25"].get("prefill")
+
+
+def test_weight_bytes_count_a_shared_storage_once(generator):
+    """Where the 2:4 region went to cuSPARSELt, ``sparse_weight`` is a view into ``sparse_compressed``: the
+    memory figure must count those bytes once, and still count tensors that only look alike."""
+    rows, cols = 7, int(torch.randint(5, 40, (1,), generator=generator))
+    compressed = torch.randn(rows * cols + 13, generator=generator)
+    values = compressed[:rows * cols].view(rows, cols)
+    separate = torch.randn(rows, cols, generator=generator)
+    assert bench_decode.tensor_bytes([compressed, values]) == compressed.numel() * 4
+    assert bench_decode.tensor_bytes([compressed, values, separate]) == (compressed.numel() + separate.numel()) * 4
