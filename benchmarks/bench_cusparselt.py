@@ -1,6 +1,6 @@
 """cuSPARSELt for the 2:4 region at prefill, in parts, on the bench_gemm shapes (rho = 0.25, bf16):
 
-    python benchmarks/bench_cusparselt.py --json OUT.json [--algs] [--shapes ...] [--ms ...]
+    python benchmarks/bench_cusparselt.py --json OUT.json [--algs | --layout | --host] [--shapes ...] [--ms ...]
 
 Per shape and M: cuBLAS on the whole weight; the Spense prefill path (``spense_gemm``) and its parts: x's
 permutation, the dense region on cuBLAS, the 2:4 region on cuSPARSELt through ``kernels/cusparselt.py``
@@ -8,7 +8,9 @@ permutation, the dense region on cuBLAS, the 2:4 region on cuSPARSELt through ``
 on those columns copied contiguous (row stride Ks, not K), eagerly and under a CUDA graph, and torch's 2:4
 ``F.linear`` on them under a CUDA graph (which hides its per-call plan); host time per call of our
 cuSPARSELt call and of torch's ``torch._cslt_sparse_mm``, which builds a plan every call. With ``--algs``:
-every cuSPARSELt algorithm id on the 2:4 region instead. Times are medians of ``triton.testing.do_bench``
+every cuSPARSELt algorithm id on the 2:4 region instead; with ``--layout``, the path with y written
+features-major and transposed back (``transposed_layout``); with ``--host``, the host time of the custom
+op and of each step of the path (``host_parts``). Times are medians of ``triton.testing.do_bench``
 (eager launches, L2 flushed between calls) unless under a CUDA graph (``do_bench_cudagraph``); host times
 average 20 calls without synchronising.
 """
