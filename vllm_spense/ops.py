@@ -2,9 +2,10 @@
 and CUDA graphs capture it as a single opaque node.
 
 On CUDA it runs the Triton kernels (``vllm_spense.kernels.spense_gemm``, which picks the decode or prefill
-path by M); on the CPU it runs the PyTorch reference (no other backend is registered). Arguments are the packed tensors exactly as the
-checkpoint stores them (docs/FORMAT.md; FP8 values with their ``weight_scale``) plus ``channel_perm [K]``
-int32 (dense channels, then 2:4 channels), built once in ``process_weights_after_loading``.
+path by M); on the CPU it runs the PyTorch reference (no other backend is registered). Arguments are the
+packed tensors exactly as the checkpoint stores them (docs/FORMAT.md; FP8 values with their
+``weight_scale``) plus ``channel_perm [K]`` int32 (dense channels, then 2:4 channels), built once in
+``process_weights_after_loading``.
 """
 
 from __future__ import annotations
