@@ -871,9 +871,9 @@ def mma_tiles(m: int, n: int, k: int) -> KernelConfig:
     sweep_mid_m_h200.json, sweep_mid_m2_h200.json, and sweep_mid_m_tp4_h200.json for the 32B/TP4 shards)."""
     if m > 48 or (m > 32 and n >= 12288):
         block_n = 64
-        n_tiles = triton.cdiv(n, block_n)
-        block_m = 256 if m > 128 and n_tiles * triton.cdiv(m, 256) >= 80 else min(128, triton.next_power_of_2(m))
-        programs = n_tiles * triton.cdiv(m, block_m)
+        n_tiles = _cdiv(n, block_n)
+        block_m = 256 if m > 128 and n_tiles * _cdiv(m, 256) >= 80 else min(128, _next_power_of_2(m))
+        programs = n_tiles * _cdiv(m, block_m)
         split_k = 1 if programs > 64 else 2 if programs > 32 else 4
         return KernelConfig(block_m, block_n, 64, 32, split_k, 8 if block_m == 256 or split_k > 1 else 4, 3,
                             swap_ab=True)
@@ -899,9 +899,9 @@ def gemv_tiles(n: int, k: int, multiprocessors: int, fp8: bool = False) -> Kerne
     1.05x the best."""
     if fp8:
         return dataclasses.replace(DECODE_GEMV, block_n=8, block_kd=1024 if k > 2048 else 512)
-    if triton.cdiv(n, 4) <= 8 * multiprocessors:
+    if _cdiv(n, 4) <= 8 * multiprocessors:
         return dataclasses.replace(DECODE_GEMV, block_kd=1024)
-    return dataclasses.replace(DECODE_GEMV, block_n=8) if triton.cdiv(n, 8) <= 6 * multiprocessors else DECODE_GEMV
+    return dataclasses.replace(DECODE_GEMV, block_n=8) if _cdiv(n, 8) <= 6 * multiprocessors else DECODE_GEMV
 
 
 # Two rows of x against a weight of at most 2^24 values (16-bit values): the gemv kernel with both rows in one
@@ -920,6 +920,17 @@ def gemv_two_rows_tiles(k: int) -> KernelConfig:
 
 
 @functools.lru_cache(maxsize=None)
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` on host ints. Every Spense call computes a few of these before its launches, and
+    ``triton.cdiv`` goes through Triton's constexpr-function wrapper (about 2 us a call on the CPU here)."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (n >= 1), on host ints, for the same reason as ``_cdiv``."""
+    return 1 << (n - 1).bit_length()
+
+
 def multiprocessors(device: torch.device) -> int:
     """The device's SM count; 132 (an H100 / H200) off CUDA, where only the CPU interpreter runs the kernels."""
     if device.type == "cuda" and torch.cuda.is_available():
@@ -1035,8 +1046,8 @@ def expand_weight(weight: SpenseGemmWeight, dtype: torch.dtype, block_n: int = 3
     scale = weight.weight_scale if weight.is_fp8 and dtype != torch.float8_e4m3fn else None
     groups = weight.k // GROUP_SIZE
     positions = torch.empty(groups, device=out.device, dtype=torch.int32)
-    _group_positions_kernel[(triton.cdiv(groups, 1024),)](weight.channel_perm, positions, groups, BLOCK=1024)
-    _spense_expand_kernel[(triton.cdiv(weight.n, block_n), triton.cdiv(groups, block_g))](
+    _group_positions_kernel[(_cdiv(groups, 1024),)](weight.channel_perm, positions, groups, BLOCK=1024)
+    _spense_expand_kernel[(_cdiv(weight.n, block_n), _cdiv(groups, block_g))](
         dense, weight.group_words, weight.sparse_meta, positions, scale, target, weight.n, kd, gs,
         dense.stride(0), weight.group_words.stride(0), weight.sparse_meta.stride(0), target.stride(0),
         BLOCK_N=block_n, BLOCK_G=block_g, VALUE_DTYPE=tl.int8 if weight.is_fp8 else _TL_DTYPES[dtype])
@@ -1062,8 +1073,8 @@ def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int, laun
     permuted = _row_buffer(rows, m, k, x.dtype, x.device)
     source, target = quad_words(x.contiguous()), quad_words(permuted)
     words = source.shape[1] // (k // GROUP_SIZE)
-    block = min(1024, triton.next_power_of_2(k // GROUP_SIZE))
-    _permute_quads_kernel[(m, triton.cdiv(k // GROUP_SIZE, block))](
+    block = min(1024, _next_power_of_2(k // GROUP_SIZE))
+    _permute_quads_kernel[(m, _cdiv(k // GROUP_SIZE, block))](
         source, channel_perm, target, k // GROUP_SIZE, source.stride(0), target.stride(0), WORDS=words, BLOCK_Q=block,
         LAUNCH_DEPENDENTS=launch_dependents)
     return permuted
@@ -1079,7 +1090,7 @@ def quantize_rows_fp8(x: torch.Tensor, channel_perm: torch.Tensor | None,
     if rows > m:
         scale[m:] = 1.0
     _quantize_rows_kernel[(m,)](x, channel_perm, quantized, scale, k, x.stride(0), quantized.stride(0),
-                                BLOCK_K=min(1024, triton.next_power_of_2(k)))
+                                BLOCK_K=min(1024, _next_power_of_2(k)))
     return quantized, scale
 
 
@@ -1097,7 +1108,7 @@ def _prefill(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | Non
 
 
 def _sparse_cores_rows(m: int) -> int:
-    return triton.cdiv(m, SPARSE_CORES_ROW_STEP) * SPARSE_CORES_ROW_STEP
+    return _cdiv(m, SPARSE_CORES_ROW_STEP) * SPARSE_CORES_ROW_STEP
 
 
 def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None) -> torch.Tensor:
@@ -1153,7 +1164,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         return result
     gather = config.kernel == "gemv" and config.gather_x
     # The MMA kernel reads whole BLOCK_M-row tiles of x unmasked when the permuted copy is padded to them.
-    rows = triton.cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
+    rows = _cdiv(m, config.block_m) * config.block_m if config.kernel == "mma" and config.pad_rows else m
     padded = rows != m
     early = _launches_early(x.device)
     byte_permutes = x.is_cuda and torch.version.hip is None  # inline PTX
@@ -1174,7 +1185,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         if m > config.block_m:
             raise ValueError(f"spense_gemm: the gemv kernel takes M <= block_m={config.block_m}, found M={m}")
         x_words, dense_words = quad_words(x_perm), quad_words(weight.dense_weight)
-        _spense_gemv_kernel[(triton.cdiv(n, config.block_n), config.split_k)](
+        _spense_gemv_kernel[(_cdiv(n, config.block_n), config.split_k)](
             x_words, dense_words, values, weight.sparse_meta, bias_arg, acc, m, n, kd // 4, gs // 2,
             x_words.stride(0), dense_words.stride(0), values.stride(0), weight.sparse_meta.stride(0), acc.stride(0),
             HAS_BIAS=bias is not None, SPLIT_K=config.split_k, **tiles,
@@ -1184,7 +1195,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
             META_ALIGN=_alignment(weight.sparse_meta.stride(0)),
             BYTE_PERMUTES=byte_permutes and (not weight.is_fp8 or _converts_fp8(x.device)))
     else:
-        _spense_gemm_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), config.split_k)](
+        _spense_gemm_kernel[(_cdiv(m, config.block_m), _cdiv(n, config.block_n), config.split_k)](
             x_perm, weight.dense_weight, values, weight.sparse_meta, bias_arg, acc, m, n, kd, gs,
             x_perm.stride(0), weight.dense_weight.stride(0), values.stride(0), weight.sparse_meta.stride(0),
             acc.stride(0), HAS_BIAS=bias is not None, SPLIT_K=config.split_k,
