@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on the device machine (the CUDA image: torch, triton, transformers).
-# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|ncu|ab|sweep|sweep_fp8|sweep_mma|sweep_batch|crossover|cusparselt|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
+# Usage: bash benchmarks/run_gpu.sh OUTDIR [check|plugin|memcheck|report|ncu|ab|sweep|sweep_fp8|sweep_mma|sweep_batch|crossover|cusparselt|host|gemm|prune|decode|decode_fp8 ...]   (default: check plugin gemm prune)
 set -uo pipefail
 out=${1:-/tmp/spense-gpu}; shift || true
 steps=${*:-check plugin gemm prune}
@@ -38,6 +38,8 @@ for step in $steps; do
     prune) python3 "$src/benchmarks/bench_prune.py" --json "$out/bench_prune.json" 2>&1 | grep -v "pruning:" | tee "$out/bench_prune.log" || status=1 ;;
     cusparselt) python3 "$src/benchmarks/bench_cusparselt.py" --json "$out/bench_cusparselt.json" 2>&1 | grep -v Warn | tail -n 45 || status=1
                 python3 "$src/benchmarks/bench_cusparselt.py" --algs --json "$out/cusparselt_algs.json" 2>&1 | grep -c '"shape"' || status=1 ;;
+    host) python3 "$src/benchmarks/bench_cusparselt.py" --host --shapes "8B o" "8B qkv" --ms 2048 --json "$out/bench_cusparselt_host.json" 2>&1 \
+            | grep -v Warn || status=1 ;;
     crossover) python3 "$src/benchmarks/bench_gemm.py" --crossover "$out/crossover.json" 2>&1 | grep crossover || status=1 ;;
     decode) python3 "$src/benchmarks/bench_decode.py" --json "$out/bench_decode.json" 2>&1 | tee "$out/bench_decode.log" || status=1 ;;
     decode_fp8) python3 "$src/benchmarks/bench_decode.py" --variants dense "rho=0.25" "dense fp8" "fp8 rho=0.25" \

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine (see prepare.sh): receive a part, install vLLM + the plugin, or run the serving benchmark.
+# On the GPU machine (see prepare.sh): receive a part, install vLLM + the plugin, run the serving benchmark, or
+# profile a lone prefill (profile).
 set -uo pipefail
 store=/tmp/vllm_ship
 case $1 in
@@ -35,4 +36,12 @@ PY
     status=$?
     for f in "$out"/vllm_*.log; do tail -c 200000 "$f" > "$f.tail" && mv "$f.tail" "$f"; done
     exit $status ;;
+  profile)  # a lone prefill under vLLM with its engine in process, dense then Spense (profile_prefill.py)
+    out=${2:-/tmp/out}
+    cd /tmp && src=$OLDPWD
+    for model in ${MODELS:-dense spense}; do
+      python3 "$src/benchmarks/vllm_gpu/profile_prefill.py" "/tmp/vm/$model" --json "$out/vllm_prefill_profile_$model.json" \
+        > "$out/vllm_prefill_profile_$model.log" 2>&1 || exit 1
+      grep -A14 "prefill .* tokens median" "$out/vllm_prefill_profile_$model.log" | cut -c1-160
+    done ;;
 esac
