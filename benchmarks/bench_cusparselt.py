@@ -27,7 +27,7 @@ import triton.testing
 
 from bench_gemm import SHAPES
 from benchmarks_common import spense_weight_for
-from vllm_spense.format import sparse_region
+from vllm_spense.format import GROUP_SIZE, sparse_region
 from vllm_spense.kernels import cusparselt
 from vllm_spense.kernels.spense_gemm import permute_columns, spense_gemm
 
@@ -143,7 +143,7 @@ def host_parts(w, x: torch.Tensor) -> dict:
 
     m, n, k, kd = x.shape[0], w.n, w.k, w.dense_channels.numel()
     dense = torch.randn(n, k, device=x.device, dtype=x.dtype)
-    mask = torch.ones(k // 4, dtype=torch.bool, device=x.device)  # the op reads only its size
+    mask = torch.ones(k // GROUP_SIZE, dtype=torch.bool, device=x.device)  # the op reads only its size
     x_perm = permute_columns(x, w.channel_perm, m)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     reference = spense_gemm(x, w).float()
