@@ -919,7 +919,6 @@ def gemv_two_rows_tiles(k: int) -> KernelConfig:
     return dataclasses.replace(DECODE_GEMV, block_m=2, block_n=8, block_kd=columns, block_g=columns // 2)
 
 
-@functools.lru_cache(maxsize=None)
 def _cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` on host ints. Every Spense call computes a few of these before its launches, and
     ``triton.cdiv`` goes through Triton's constexpr-function wrapper (about 2 us a call on the CPU here)."""
@@ -931,6 +930,7 @@ def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
+@functools.lru_cache(maxsize=None)
 def multiprocessors(device: torch.device) -> int:
     """The device's SM count; 132 (an H100 / H200) off CUDA, where only the CPU interpreter runs the kernels."""
     if device.type == "cuda" and torch.cuda.is_available():
