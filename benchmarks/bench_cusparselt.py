@@ -49,17 +49,21 @@ def host_us(call, calls: int = 20) -> float:
     return seconds / calls * 1e6
 
 
-def algorithms(compressed, n: int, ks: int, x_sparse, y) -> dict[int, float]:
-    """The time of every algorithm id cuSPARSELt accepts for this problem (plan by plan)."""
+def algorithms(compressed, n: int, ks: int, x_sparse, y, y_transposed: bool = False) -> dict[int, float]:
+    """The time of every algorithm config cuSPARSELt reports for this problem (plan by plan; a config it
+    refuses is skipped, as ``cusparselt._alg_id`` does); ``y_transposed``: y is ``[N, M]`` (``Plan``)."""
+    def plan(alg=None):
+        return cusparselt.Plan(cusparselt.library(), x_sparse.device, n, ks, x_sparse.shape[0], x_sparse.stride(0),
+                               x_sparse.dtype, alg, y_transposed)
+
     times = {}
-    for alg in range(64):
+    for alg in range(plan().max_alg_id):
         try:
-            plan = cusparselt.Plan(cusparselt.library(), x_sparse.device, n, ks, x_sparse.shape[0], x_sparse.stride(0),
-                                   x_sparse.dtype, alg)
+            alg_plan = plan(alg)
         except cusparselt.CusparseLtError:
-            break
-        workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device="cuda")
-        times[alg] = gpu_us(lambda: cusparselt.run_plan(plan, compressed, x_sparse, y, workspace))
+            continue
+        workspace = torch.empty(max(alg_plan.workspace_bytes, 1), dtype=torch.uint8, device=x_sparse.device)
+        times[alg] = gpu_us(lambda: cusparselt.run_plan(alg_plan, compressed, x_sparse, y, workspace))
     return times
 
 
@@ -103,25 +107,16 @@ def transposed_layout(w, x: torch.Tensor) -> dict:
     x_perm = permute_columns(x, w.channel_perm, m)
     x_sparse = x_perm[:, kd:]
     y_t = torch.empty(n, m, device=x.device, dtype=x.dtype)
-    library = cusparselt.library()
-    configs = cusparselt.Plan(library, x.device, n, x_sparse.shape[1], m, x_sparse.stride(0), x.dtype,
-                              y_transposed=True).max_alg_id
-    times, plans = {}, {}
-    for alg in range(configs):
-        try:
-            plans[alg] = cusparselt.Plan(library, x.device, n, x_sparse.shape[1], m, x_sparse.stride(0), x.dtype, alg,
-                                         y_transposed=True)
-        except cusparselt.CusparseLtError:
-            continue
-        workspace = torch.empty(max(plans[alg].workspace_bytes, 1), dtype=torch.uint8, device=x.device)
-        times[alg] = gpu_us(lambda: cusparselt.run_plan(plans[alg], w.sparse_compressed, x_sparse, y_t, workspace))
+    times = algorithms(w.sparse_compressed, n, x_sparse.shape[1], x_sparse, y_t, y_transposed=True)
     best = min(times, key=times.get)
-    workspace = torch.empty(max(plans[best].workspace_bytes, 1), dtype=torch.uint8, device=x.device)
+    plan = cusparselt.Plan(cusparselt.library(), x.device, n, x_sparse.shape[1], m, x_sparse.stride(0), x.dtype, best,
+                           y_transposed=True)
+    workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=x.device)
 
     def features_major():
         x_p = permute_columns(x, w.channel_perm, m)
         torch.mm(w.dense_weight, x_p[:, :kd].t(), out=y_t)
-        cusparselt.run_plan(plans[best], w.sparse_compressed, x_p[:, kd:], y_t, workspace)
+        cusparselt.run_plan(plan, w.sparse_compressed, x_p[:, kd:], y_t, workspace)
         return y_t.t().contiguous()
 
     reference = spense_gemm(x, w).float()
@@ -155,7 +150,7 @@ def host_parts(w, x: torch.Tensor) -> dict:
         op_host_us=host_us(lambda: spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask,
                                                  w.channel_perm, None, None, w.sparse_compressed)),
         spense_gemm_host_us=host_us(lambda: spense_gemm(x, w)),
-        prefill_on_sparse_cores_host_us=host_us(lambda: gemm._prefill_on_sparse_cores(x, w, None)),
+        prefill_on_sparse_cores_host_us=host_us(lambda: gemm._prefill_on_sparse_cores(x, w, None, gemm._sparse_cores_rows(m))),
         from_channel_perm_host_us=host_us(lambda: gemm.SpenseGemmWeight.from_channel_perm(
             w.dense_weight, w.sparse_weight, w.sparse_meta, w.channel_perm, None, w.sparse_compressed)),
         check_inputs_host_us=host_us(lambda: gemm.check_inputs(x, w, None)),

@@ -1111,13 +1111,13 @@ def _sparse_cores_rows(m: int) -> int:
     return _cdiv(m, SPARSE_CORES_ROW_STEP) * SPARSE_CORES_ROW_STEP
 
 
-def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """x permuted once into a buffer of whole ``SPARSE_CORES_ROW_STEP``-row steps, its dense columns times the
-    dense region by cuBLAS (bias in its epilogue), then its 2:4 columns times the 2:4 region on the sparse
-    tensor cores, added in place by cuSPARSELt (``cusparselt.add_sparse_product``). The padding rows are
-    left unset and their outputs dropped."""
+def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None,
+                             rows: int) -> torch.Tensor:
+    """x permuted once into a buffer of ``rows`` (``_sparse_cores_rows``: whole ``SPARSE_CORES_ROW_STEP``-row
+    steps), its dense columns times the dense region by cuBLAS (bias in its epilogue), then its 2:4 columns
+    times the 2:4 region on the sparse tensor cores, added in place by cuSPARSELt
+    (``cusparselt.add_sparse_product``). The padding rows are left unset and their outputs dropped."""
     m, kd = x.shape[0], weight.dense_channels.numel()
-    rows = _sparse_cores_rows(m)
     x_perm = permute_columns(x, weight.channel_perm, rows)
     y = torch.empty(rows, weight.n, device=x.device, dtype=x.dtype)
     if kd == 0:
@@ -1145,14 +1145,15 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     if config.kernel == "sparse_cores" and not sparse_cores:
         raise ValueError("spense_gemm: the sparse_cores path needs a weight with_sparse_cores()")
     if config.kernel == "sparse_cores" and m > 0:
-        plan = (weight.n, weight.sparse_channels.numel(), _sparse_cores_rows(m), weight.k, x.dtype, x.device)
+        rows = _sparse_cores_rows(m)
+        plan = (weight.n, weight.sparse_channels.numel(), rows, weight.k, x.dtype, x.device)
         # No plan may be built inside a CUDA-graph capture; a size cuSPARSELt refused takes the expansion path.
         if cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
                                          and not cusparselt.has_plan(*plan)):
             config = UNPACK_AND_CUBLAS
         else:
             try:
-                y = _prefill_on_sparse_cores(x.contiguous(), weight, bias)
+                y = _prefill_on_sparse_cores(x.contiguous(), weight, bias, rows)
                 return y if out is None else out.copy_(y)
             except cusparselt.CusparseLtError:  # refused at this size (logged once, remembered)
                 config = UNPACK_AND_CUBLAS
