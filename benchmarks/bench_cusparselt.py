@@ -10,7 +10,8 @@ on those columns copied contiguous (row stride Ks, not K), eagerly and under a C
 cuSPARSELt call and of torch's ``torch._cslt_sparse_mm``, which builds a plan every call. With ``--algs``:
 every cuSPARSELt algorithm id on the 2:4 region instead; with ``--layout``, the path with y written
 features-major and transposed back (``transposed_layout``); with ``--host``, the host time of the custom
-op and of each step of the path (``host_parts``). Times are medians of ``triton.testing.do_bench``
+op and of each step of the path (``host_parts``) and where the op's own Python spends it (``host_profile``,
+cProfile's per-function time). Times are medians of ``triton.testing.do_bench``
 (eager launches, L2 flushed between calls) unless under a CUDA graph (``do_bench_cudagraph``); host times
 average 20 calls without synchronising.
 """
@@ -18,7 +19,9 @@ average 20 calls without synchronising.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 
 import torch
@@ -120,6 +123,11 @@ def transposed_layout(w, x: torch.Tensor) -> dict:
         return y_t.t().contiguous()
 
     reference = spense_gemm(x, w).float()
+    # the permutation as torch's index_select of whole quads (8-byte words), the alternative to our kernel
+    x_quads, quad_index = x.view(torch.int64), (w.channel_perm[0::GROUP_SIZE] // GROUP_SIZE).long()
+    permuted_quads = torch.empty_like(x_quads)
+    torch.index_select(x_quads, 1, quad_index, out=permuted_quads)
+    assert torch.equal(permuted_quads.view(x.dtype), x_perm)
     error = ((features_major().float() - reference).norm() / reference.norm()).item()
     return dict(spense_us=gpu_us(lambda: spense_gemm(x, w)), features_major_us=gpu_us(features_major),
                 features_major_vs_spense_error=error, cusparselt_features_major_us=times[best],
@@ -142,6 +150,11 @@ def host_parts(w, x: torch.Tensor) -> dict:
     x_perm = permute_columns(x, w.channel_perm, m)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     reference = spense_gemm(x, w).float()
+    # the permutation as torch's index_select of whole quads (8-byte words), the alternative to our kernel
+    x_quads, quad_index = x.view(torch.int64), (w.channel_perm[0::GROUP_SIZE] // GROUP_SIZE).long()
+    permuted_quads = torch.empty_like(x_quads)
+    torch.index_select(x_quads, 1, quad_index, out=permuted_quads)
+    assert torch.equal(permuted_quads.view(x.dtype), x_perm)
     op_error = ((spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask, w.channel_perm, None, None,
                                w.sparse_compressed).float() - reference).norm() / reference.norm()).item()
     return dict(
@@ -150,17 +163,41 @@ def host_parts(w, x: torch.Tensor) -> dict:
         op_host_us=host_us(lambda: spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask,
                                                  w.channel_perm, None, None, w.sparse_compressed)),
         spense_gemm_host_us=host_us(lambda: spense_gemm(x, w)),
-        prefill_on_sparse_cores_host_us=host_us(lambda: gemm._prefill_on_sparse_cores(x, w, None, gemm._sparse_cores_rows(m))),
+        prefill_on_sparse_cores_host_us=host_us(
+            lambda: gemm._prefill_on_sparse_cores(x, w, None, gemm._sparse_cores_rows(m))),
         from_channel_perm_host_us=host_us(lambda: gemm.SpenseGemmWeight.from_channel_perm(
             w.dense_weight, w.sparse_weight, w.sparse_meta, w.channel_perm, None, w.sparse_compressed)),
         check_inputs_host_us=host_us(lambda: gemm.check_inputs(x, w, None)),
         choose_config_host_us=host_us(lambda: gemm.choose_config(m, n, k, x.device, False, True)),
         capturing_host_us=host_us(lambda: torch.cuda.is_current_stream_capturing()),
         permute_host_us=host_us(lambda: permute_columns(x, w.channel_perm, m)),
+        permute_us=gpu_us(lambda: permute_columns(x, w.channel_perm, m)),
+        index_select_quads_host_us=host_us(lambda: torch.index_select(x_quads, 1, quad_index, out=permuted_quads)),
+        index_select_quads_us=gpu_us(lambda: torch.index_select(x_quads, 1, quad_index, out=permuted_quads)),
         empty_host_us=host_us(lambda: torch.empty(m, n, device=x.device, dtype=x.dtype)),
         dense_mm_host_us=host_us(lambda: torch.mm(x_perm[:, :kd], w.dense_weight.t(), out=y)),
         cusparselt_host_us=host_us(lambda: cusparselt.add_sparse_product(w.sparse_compressed, x_perm[:, kd:], y)),
-        check_operands_host_us=host_us(lambda: cusparselt.check_operands(w.sparse_compressed, x_perm[:, kd:], y)))
+        check_operands_host_us=host_us(lambda: cusparselt.check_operands(w.sparse_compressed, x_perm[:, kd:], y)),
+        host_profile=host_profile(lambda: spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask,
+                                                        w.channel_perm, None, None, w.sparse_compressed)))
+
+
+def host_profile(call, calls: int = 200, top: int = 25) -> list[str]:
+    """The ``top`` functions by own time under cProfile over ``calls`` calls (us per call, own and
+    cumulative; cProfile's overhead inflates functions that make many small calls)."""
+    call()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        call()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats
+    rows = sorted(stats.items(), key=lambda item: -item[1][2])[:top]
+    return [f"{own / calls * 1e6:7.1f} us own {cumulative / calls * 1e6:7.1f} us cum {count / calls:4.1f}x "
+            f"{function[2]} ({function[0].rsplit('/', 2)[-1]}:{function[1]})"
+            for function, (_, count, own, cumulative, _) in rows]
 
 
 def main() -> None:
@@ -200,7 +237,9 @@ def main() -> None:
             else:
                 row.update(parts(w, base, x, x_perm, y))
             rows.append(row)
-            print(json.dumps({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()}), flush=True)
+            print(json.dumps({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()
+                              if key != "host_profile"}), flush=True)
+            print("\n".join(row.get("host_profile", [])), flush=True)
         with open(args.json, "w") as handle:
             json.dump({"device": device, "cusparselt_version": torch.backends.cusparselt.version(), "rows": rows},
                       handle, indent=1)

@@ -314,7 +314,7 @@ def check_operands(compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Te
     if x_sparse.dtype not in _CUDA_R or y.dtype != x_sparse.dtype or compressed.dtype != x_sparse.dtype:
         raise ValueError(f"cusparselt: x, y and the compressed weight must all be bfloat16, found "
                          f"{x_sparse.dtype}, {y.dtype}, {compressed.dtype}")
-    if compressed.device != x_sparse.device or y.device != x_sparse.device:
+    if not compressed.get_device() == y.get_device() == x_sparse.get_device():
         raise ValueError(f"cusparselt: the compressed weight ({compressed.device}) and y ({y.device}) must be on "
                          f"x's device ({x_sparse.device})")
     if y.shape[0] != m or not y.is_contiguous() or x_sparse.stride(1) != 1:
@@ -341,10 +341,17 @@ def add_sparse_product(compressed: torch.Tensor, x_sparse: torch.Tensor, y: torc
 def run_plan(plan: Plan, compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Tensor,
              workspace: torch.Tensor) -> None:
     """One ``cusparseLtMatmul`` of ``plan`` (D = C = y, alpha = beta = 1) on the current stream; the operands
-    as ``add_sparse_product`` checks them (benchmarks/bench_cusparselt.py times plans of chosen algorithms)."""
-    stream = ctypes.c_void_p(torch.cuda.current_stream(x_sparse.device).cuda_stream)
-    with torch.cuda.device(x_sparse.device):
-        plan.lib.check("cusparseLtMatmul", plan.handle, plan.plan, ctypes.byref(_ONE),
-                       ctypes.c_void_p(compressed.data_ptr()), ctypes.c_void_p(x_sparse.data_ptr()),
-                       ctypes.byref(_ONE), ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(y.data_ptr()),
-                       ctypes.c_void_p(workspace.data_ptr()), ctypes.byref(stream), 1)
+    as ``add_sparse_product`` checks them (benchmarks/bench_cusparselt.py times plans of chosen algorithms).
+    The stream is read raw, as Triton's launcher reads it, and x's GPU made current only where it is not:
+    ``torch.cuda.current_stream`` and ``torch.cuda.device`` took 25 of this call's 50 us of host time on an
+    H200 host (cProfile, docs/PERFORMANCE.md), which a host-bound prefill pays on every layer."""
+    index = x_sparse.get_device()
+    args = (plan.handle, plan.plan, ctypes.byref(_ONE), ctypes.c_void_p(compressed.data_ptr()),
+            ctypes.c_void_p(x_sparse.data_ptr()), ctypes.byref(_ONE), ctypes.c_void_p(y.data_ptr()),
+            ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(workspace.data_ptr()),
+            ctypes.byref(ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(index))), 1)
+    if index == torch.cuda.current_device():
+        plan.lib.check("cusparseLtMatmul", *args)
+    else:
+        with torch.cuda.device(index):
+            plan.lib.check("cusparseLtMatmul", *args)

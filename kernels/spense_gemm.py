@@ -2,8 +2,8 @@
 
 Shapes (docs/FORMAT.md): ``x [M, K]`` fp16/bf16/fp32; ``dense_weight [N, KD]`` (KD = 4 * G_dense);
 ``sparse_weight [N, 2 * GS]``; ``sparse_meta [N, GS / 2]`` uint8. Built once per weight
-(``SpenseGemmWeight``): ``dense_channels [KD]`` / ``sparse_channels [4 * GS]`` int32, the input channel of
-every dense column and of every position of every 2:4 group, and ``channel_perm = cat(dense, sparse)``.
+(``SpenseGemmWeight``): ``channel_perm [K]`` int32, the input channel of every dense column
+(``dense_channels``, its first KD entries), then of every position of every 2:4 group (``sparse_channels``).
 
 Three paths, chosen by M in ``choose_config`` (inside ``spense_gemm``, which the vLLM custom op calls):
 
@@ -752,7 +752,8 @@ def _quantize_rows_kernel(x_ptr, perm_ptr, out_ptr, scale_ptr, K, stride_xm, str
 
 @dataclasses.dataclass(frozen=True)
 class SpenseGemmWeight:
-    """The packed tensors plus the channel maps, built once per weight (``process_weights_after_loading``).
+    """The packed tensors plus the channel map, which ``process_weights_after_loading`` builds once per
+    weight; the custom op wraps them in this object on every call, so it holds nothing derived by a GPU op.
 
     ``channel_perm [K]`` lists the dense channels, then the 2:4 channels: ``x[:, channel_perm]`` is the
     activation layout the fused kernel reads with plain contiguous loads. FP8 checkpoints add
@@ -763,13 +764,24 @@ class SpenseGemmWeight:
     dense_weight: torch.Tensor
     sparse_weight: torch.Tensor
     sparse_meta: torch.Tensor
-    dense_channels: torch.Tensor
-    sparse_channels: torch.Tensor
     channel_perm: torch.Tensor
     n: int
     k: int
     weight_scale: torch.Tensor | None = None
     sparse_compressed: torch.Tensor | None = None  # the 2:4 region for cuSPARSELt (``with_sparse_cores``)
+
+    @property
+    def kd(self) -> int:
+        """The dense region's width: how many of ``channel_perm``'s channels come first as dense columns."""
+        return self.dense_weight.shape[1]
+
+    @property
+    def dense_channels(self) -> torch.Tensor:
+        return self.channel_perm.narrow(0, 0, self.kd)
+
+    @property
+    def sparse_channels(self) -> torch.Tensor:
+        return self.channel_perm.narrow(0, self.kd, self.k - self.kd)
 
     @property
     def is_fp8(self) -> bool:
@@ -793,10 +805,8 @@ class SpenseGemmWeight:
                           channel_perm: torch.Tensor, weight_scale: torch.Tensor | None = None,
                           sparse_compressed: torch.Tensor | None = None) -> "SpenseGemmWeight":
         """From the packed tensors and ``channel_perm`` (int32): what the custom op receives."""
-        kd = dense_weight.shape[1]
-        return cls(dense_weight.contiguous(), sparse_weight.contiguous(), sparse_meta.contiguous(),
-                   channel_perm[:kd], channel_perm[kd:], channel_perm, dense_weight.shape[0], channel_perm.numel(),
-                   weight_scale, sparse_compressed)
+        return cls(dense_weight.contiguous(), sparse_weight.contiguous(), sparse_meta.contiguous(), channel_perm,
+                   dense_weight.shape[0], channel_perm.numel(), weight_scale, sparse_compressed)
 
     def with_sparse_cores(self) -> "SpenseGemmWeight":
         """This weight with its 2:4 region also in cuSPARSELt's compressed form, for the prefill path on the
@@ -804,7 +814,7 @@ class SpenseGemmWeight:
         buffer, so the only memory added is cuSPARSELt's copy of the positions (``cusparselt.compress``).
         Unchanged where cuSPARSELt cannot take the weight: no sparse tensor cores, FP8 or fp32 values, a
         shape it refuses, or a compressed operand that fails ``cusparselt.compress``'s check."""
-        kd, ks = self.dense_channels.numel(), self.sparse_channels.numel()
+        kd, ks = self.kd, self.k - self.kd
         if (self.sparse_compressed is not None or ks == 0 or self.n % 16 or ks % 64 or kd % 8
                 or not cusparselt.available(self.sparse_weight.device, self.sparse_weight.dtype)):
             return self
@@ -971,12 +981,13 @@ def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = Fals
 
 
 def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None) -> None:
-    """Every shape, dtype and stride the kernels rely on, checked before launch."""
+    """Every shape, dtype and stride the kernels rely on, checked before launch (devices compared as
+    indices: a ``.device`` is a new object each time, and this runs on every call)."""
     if x.dim() != 2 or x.shape[1] != weight.k:
         raise ValueError(f"spense_gemm: x must be [M, {weight.k}], found {list(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"spense_gemm: x dtype must be float16, bfloat16 or float32, found {x.dtype}")
-    kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
+    kd, gs, device = weight.kd, (weight.k - weight.kd) // GROUP_SIZE, x.get_device()
     values = torch.float8_e4m3fn if weight.is_fp8 else x.dtype
     expected = {"dense_weight": ((weight.n, kd), values), "sparse_weight": ((weight.n, 2 * gs), values),
                 "sparse_meta": ((weight.n, gs // 2), torch.uint8)}
@@ -987,16 +998,15 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
         if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.stride(-1) != 1:
             raise ValueError(f"spense_gemm: {name} must be {dtype} {list(shape)} with a contiguous last dimension, "
                              f"found {tensor.dtype} {list(tensor.shape)}")
-        if tensor.device != x.device:
+        if tensor.get_device() != device:
             raise ValueError(f"spense_gemm: {name} is on {tensor.device}, x on {x.device}")
     if kd + 4 * gs != weight.k or gs % 2 or weight.channel_perm.numel() != weight.k:
         raise ValueError(f"spense_gemm: {kd} dense + {4 * gs} 2:4 channels do not make K={weight.k} "
                          f"with an even number of 2:4 groups")
-    for name in ("dense_channels", "sparse_channels"):
-        tensor = getattr(weight, name)
-        if tensor.dtype != torch.int32 or tensor.device != x.device:
-            raise ValueError(f"spense_gemm: {name} must be int32 on {x.device}")
-    if bias is not None and (bias.shape != (weight.n,) or bias.device != x.device):
+    if weight.channel_perm.dtype != torch.int32 or weight.channel_perm.get_device() != device:
+        raise ValueError(f"spense_gemm: channel_perm must be int32 on {x.device}, found {weight.channel_perm.dtype} "
+                         f"on {weight.channel_perm.device}")
+    if bias is not None and (bias.shape != (weight.n,) or bias.get_device() != device):
         raise ValueError(f"spense_gemm: bias must be [{weight.n}] on {x.device}, found {list(bias.shape)}")
 
 
@@ -1039,7 +1049,7 @@ def expand_weight(weight: SpenseGemmWeight, dtype: torch.dtype, block_n: int = 3
     """All of W as a dense ``[N, K]`` temporary in x's own channel order (``_spense_expand_kernel``), never kept:
     16/32-bit values as stored (``dtype`` is theirs); FP8 values as FP8 (``dtype`` float8_e4m3fn, for
     ``torch._scaled_mm``) or dequantized to ``dtype``."""
-    kd, gs = weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
+    kd, gs = weight.kd, (weight.k - weight.kd) // GROUP_SIZE
     out = torch.empty(weight.n, weight.k, device=weight.sparse_weight.device, dtype=dtype)
     dense = weight.dense_weight.view(torch.int8) if weight.is_fp8 else weight.dense_weight
     target = out.view(torch.int8) if dtype == torch.float8_e4m3fn else out
@@ -1116,18 +1126,21 @@ def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: to
     """x permuted once into a buffer of ``rows`` (``_sparse_cores_rows``: whole ``SPARSE_CORES_ROW_STEP``-row
     steps), its dense columns times the dense region by cuBLAS (bias in its epilogue), then its 2:4 columns
     times the 2:4 region on the sparse tensor cores, added in place by cuSPARSELt
-    (``cusparselt.add_sparse_product``). The padding rows are left unset and their outputs dropped."""
-    m, kd = x.shape[0], weight.dense_channels.numel()
+    (``cusparselt.add_sparse_product``). The padding rows are left unset and their outputs dropped. Views
+    by ``narrow``, not indexing, and cuBLAS allocating y: this path runs once per layer of a host-bound
+    prefill, where each ``[:, :kd]`` costs a few us more (docs/PERFORMANCE.md)."""
+    m, kd = x.shape[0], weight.kd
     x_perm = permute_columns(x, weight.channel_perm, rows)
-    y = torch.empty(rows, weight.n, device=x.device, dtype=x.dtype)
+    x_dense = x_perm.narrow(1, 0, kd)
     if kd == 0:
-        y.zero_() if bias is None else y.copy_(bias.expand_as(y))
+        y = (torch.zeros(rows, weight.n, device=x.device, dtype=x.dtype) if bias is None
+             else bias.expand(rows, -1).contiguous())
     elif bias is None:
-        torch.mm(x_perm[:, :kd], weight.dense_weight.t(), out=y)
+        y = torch.mm(x_dense, weight.dense_weight.t())
     else:
-        torch.addmm(bias, x_perm[:, :kd], weight.dense_weight.t(), out=y)
-    cusparselt.add_sparse_product(weight.sparse_compressed, x_perm[:, kd:], y)
-    return y[:m]
+        y = torch.addmm(bias, x_dense, weight.dense_weight.t())
+    cusparselt.add_sparse_product(weight.sparse_compressed, x_perm.narrow(1, kd, weight.k - kd), y)
+    return y if rows == m else y.narrow(0, 0, m)
 
 
 def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None = None,
@@ -1146,7 +1159,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         raise ValueError("spense_gemm: the sparse_cores path needs a weight with_sparse_cores()")
     if config.kernel == "sparse_cores" and m > 0:
         rows = _sparse_cores_rows(m)
-        plan = (weight.n, weight.sparse_channels.numel(), rows, weight.k, x.dtype, x.device)
+        plan = (weight.n, weight.k - weight.kd, rows, weight.k, x.dtype, x.device)
         # No plan may be built inside a CUDA-graph capture; a size cuSPARSELt refused takes the expansion path.
         if cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
                                          and not cusparselt.has_plan(*plan)):
@@ -1178,7 +1191,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         x_perm = permute_columns(x, weight.channel_perm, rows, launch_dependents=early)
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
-    n, kd, gs = weight.n, weight.dense_channels.numel(), weight.sparse_channels.numel() // GROUP_SIZE
+    n, kd, gs = weight.n, weight.kd, (weight.k - weight.kd) // GROUP_SIZE
     values, bias_arg = quad_words(weight.sparse_weight), bias if bias is not None else x
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
                  num_warps=config.num_warps, num_stages=config.num_stages, AFTER_PREVIOUS=early, launch_pdl=early)

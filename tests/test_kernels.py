@@ -355,6 +355,9 @@ def test_bad_inputs_are_refused_before_launch():
     with pytest.raises(ValueError, match="bias must be \\[37\\]"):
         spense_gemm(torch.randn(2, 192, dtype=torch.float16, device=DEVICE), gemm_weight,
                     torch.randn(36, dtype=torch.float16, device=DEVICE))
+    int64_perm = dataclasses.replace(gemm_weight, channel_perm=gemm_weight.channel_perm.long())
+    with pytest.raises(ValueError, match="channel_perm must be int32 .*found torch.int64"):
+        spense_gemm(torch.randn(2, 192, dtype=torch.float16, device=DEVICE), int64_perm)
 
 
 FP8_CONFIGS = {

@@ -24,7 +24,7 @@ def _linear(x: torch.Tensor, dense_weight: torch.Tensor, sparse_weight: torch.Te
     """``x [..., K] @ W^T (+ bias) -> [..., N]`` from the Spense layout (FP8 values with ``weight_scale``;
     ``sparse_compressed``: the 2:4 region in cuSPARSELt's form, ``SpenseGemmWeight.with_sparse_cores``)."""
     k = dense_mask.numel() * GROUP_SIZE
-    x2 = x.reshape(-1, k)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)  # vLLM passes [tokens, K]; a reshape costs host time per call
     if x.is_cuda:
         from vllm_spense.kernels.spense_gemm import SpenseGemmWeight, spense_gemm  # Triton: CUDA only
 
@@ -39,7 +39,7 @@ def _linear(x: torch.Tensor, dense_weight: torch.Tensor, sparse_weight: torch.Te
             y = reference(x2, packed, bias)
         else:
             y = torch.nn.functional.linear(x2, unpack(packed).to(x2.dtype), bias)
-    return y.reshape(*x.shape[:-1], dense_weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], dense_weight.shape[0])
 
 
 def _linear_fake(x, dense_weight, sparse_weight, sparse_meta, dense_mask, channel_perm, bias=None, weight_scale=None,
