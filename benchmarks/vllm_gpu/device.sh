@@ -36,12 +36,14 @@ PY
     status=$?
     for f in "$out"/vllm_*.log; do tail -c 200000 "$f" > "$f.tail" && mv "$f.tail" "$f"; done
     exit $status ;;
-  profile)  # a lone prefill under vLLM with its engine in process, dense then Spense (profile_prefill.py)
+  profile)  # a lone prefill under vLLM with its engine in process, dense then Spense (profile_prefill.py),
+            # e.g. LENGTHS="2048 8192"
     out=${2:-/tmp/out}
     cd /tmp && src=$OLDPWD
     for model in ${MODELS:-dense spense}; do
-      python3 "$src/benchmarks/vllm_gpu/profile_prefill.py" "/tmp/vm/$model" --json "$out/vllm_prefill_profile_$model.json" \
+      python3 "$src/benchmarks/vllm_gpu/profile_prefill.py" "/tmp/vm/$model" --length ${LENGTHS:-2048} \
+        --json "$out/vllm_prefill_profile_$model.json" \
         > "$out/vllm_prefill_profile_$model.log" 2>&1 || exit 1
-      grep -A14 "prefill .* tokens median" "$out/vllm_prefill_profile_$model.log" | cut -c1-160
+      echo "$model:" && grep -A14 "prefill .* tokens median" "$out/vllm_prefill_profile_$model.log" | cut -c1-160
     done ;;
 esac
