@@ -123,11 +123,6 @@ def transposed_layout(w, x: torch.Tensor) -> dict:
         return y_t.t().contiguous()
 
     reference = spense_gemm(x, w).float()
-    # the permutation as torch's index_select of whole quads (8-byte words), the alternative to our kernel
-    x_quads, quad_index = x.view(torch.int64), (w.channel_perm[0::GROUP_SIZE] // GROUP_SIZE).long()
-    permuted_quads = torch.empty_like(x_quads)
-    torch.index_select(x_quads, 1, quad_index, out=permuted_quads)
-    assert torch.equal(permuted_quads.view(x.dtype), x_perm)
     error = ((features_major().float() - reference).norm() / reference.norm()).item()
     return dict(spense_us=gpu_us(lambda: spense_gemm(x, w)), features_major_us=gpu_us(features_major),
                 features_major_vs_spense_error=error, cusparselt_features_major_us=times[best],

@@ -37,7 +37,7 @@ PY
     for f in "$out"/vllm_*.log; do tail -c 200000 "$f" > "$f.tail" && mv "$f.tail" "$f"; done
     exit $status ;;
   profile)  # a lone prefill under vLLM with its engine in process, dense then Spense (profile_prefill.py),
-            # e.g. LENGTHS="2048 8192"
+            # e.g. LENGTHS="2048 4064" (make_checkpoints.py's models declare 4096 positions)
     out=${2:-/tmp/out}
     cd /tmp && src=$OLDPWD
     for model in ${MODELS:-dense spense}; do

@@ -2,11 +2,12 @@
 a checkpoint folder, prompts of ``--length`` random tokens (one or more lengths, each one chunk: vLLM's
 token budget and context are raised to the longest) and one output token each.
 
-    python3 profile_prefill.py /tmp/vm/spense --length 2048 8192 --json OUT.json
+    python3 profile_prefill.py /tmp/vm/spense --length 2048 4064 --json OUT.json
 
 Per length: the wall time of ``--repeats`` prefills (after two), then, for one more under ``torch.profiler``,
 the summed time of the GPU kernels (how much of the wall time the GPU was busy) and the table of the ops and
-kernels with the most GPU time. The JSON holds one result per length (``results``). ``SPENSE_SPARSE_CORES=0`` in the environment takes the expansion path.
+kernels with the most GPU time. The JSON holds one result per length (``results``).
+``SPENSE_SPARSE_CORES=0`` in the environment takes the expansion path.
 """
 
 from __future__ import annotations
