@@ -118,17 +118,19 @@ def test_compress_refuses_an_operand_that_loses_a_value(monkeypatch, caplog):
 
 
 @pytest.mark.parametrize("dense_per_chunk", [0, 8])
-def test_prefill_path_on_sparse_cores_matches_fp64(monkeypatch, dense_per_chunk):
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("extra_rows", [45, 128])  # padded to a whole step, or a whole step already
+def test_prefill_path_on_sparse_cores_matches_fp64(monkeypatch, dense_per_chunk, with_bias, extra_rows):
     """The path around the cuSPARSELt call: x permuted into whole 128-row steps, the dense region by torch.mm
     with the bias, the 2:4 product added, the padding rows dropped, ``out`` filled (cuSPARSELt stood in for
     by plain PyTorch; fp32 in Triton's interpreter)."""
     weight, gemm, _ = packed_case(40, 256, dense_per_chunk)
     gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
     monkeypatch.setattr(cusparselt, "add_sparse_product", fake_sparse_product(region_from_weight(gemm, weight)))
-    x, bias = torch.randn(MMA_MAX_M + 45, 256), torch.randn(40)
+    x, bias = torch.randn(MMA_MAX_M + extra_rows, 256), torch.randn(40) if with_bias else None
     out = torch.full((x.shape[0], 40), float("nan"))
     spense_gemm(x, gemm, bias, out=out)
-    reference = x.double() @ weight.double().t() + bias.double()
+    reference = x.double() @ weight.double().t() + (bias.double() if with_bias else 0)
     assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-5
 
 
