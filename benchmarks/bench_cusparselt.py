@@ -234,7 +234,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({key: round(v, 1) if isinstance(v, float) else v for key, v in row.items()
                               if key != "host_profile"}), flush=True)
-            print("\n".join(row.get("host_profile", [])), flush=True)
+            if "host_profile" in row:
+                print("\n".join(row["host_profile"]), flush=True)
         with open(args.json, "w") as handle:
             json.dump({"device": device, "cusparselt_version": torch.backends.cusparselt.version(), "rows": rows},
                       handle, indent=1)

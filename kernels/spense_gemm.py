@@ -1134,7 +1134,7 @@ def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: to
     x_dense = x_perm.narrow(1, 0, kd)
     if kd == 0:
         y = (torch.zeros(rows, weight.n, device=x.device, dtype=x.dtype) if bias is None
-             else bias.expand(rows, -1).contiguous())
+             else bias.to(x.dtype).expand(rows, -1).contiguous())
     elif bias is None:
         y = torch.mm(x_dense, weight.dense_weight.t())
     else:

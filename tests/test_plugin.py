@@ -286,7 +286,8 @@ def test_config_from_checkpoint_and_flag_without_spense_config(tiny_checkpoint, 
 
 @pytest.mark.parametrize("fp8", [False, True], ids=["float", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("lead", [(3, 5), (4, 9)])  # 15 rows: per-row gather; 36 rows: W rebuilt per call
+# 15 rows: per-row gather; 36 rows: W rebuilt per call; 3-D x reshaped, 2-D x (what vLLM passes) taken as it is
+@pytest.mark.parametrize("lead", [(3, 5), (4, 9), (15,), (36,)])
 def test_custom_op_matches_reference_and_passes_opcheck(dtype, lead, fp8, generator):
     from vllm_spense.kernels.reference import group_channels
     from vllm_spense.ops import spense_linear
