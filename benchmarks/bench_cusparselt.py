@@ -1,6 +1,7 @@
 """cuSPARSELt for the 2:4 region at prefill, in parts, on the bench_gemm shapes (rho = 0.25, bf16):
 
-    python benchmarks/bench_cusparselt.py --json OUT.json [--algs | --layout | --host] [--shapes ...] [--ms ...]
+    python benchmarks/bench_cusparselt.py --json OUT.json [--algs | --layout | --host | --permute] [--shapes ...]
+        [--ms ...]
 
 Per shape and M: cuBLAS on the whole weight; the Spense prefill path (``spense_gemm``) and its parts: x's
 permutation, the dense region on cuBLAS, the 2:4 region on cuSPARSELt through ``kernels/cusparselt.py``
@@ -11,9 +12,9 @@ cuSPARSELt call and of torch's ``torch._cslt_sparse_mm``, which builds a plan ev
 every cuSPARSELt algorithm id on the 2:4 region instead; with ``--layout``, the path with y written
 features-major and transposed back (``transposed_layout``); with ``--host``, the host time of the custom
 op and of each step of the path (``host_parts``) and where the op's own Python spends it (``host_profile``,
-cProfile's per-function time). Times are medians of ``triton.testing.do_bench``
-(eager launches, L2 flushed between calls) unless under a CUDA graph (``do_bench_cudagraph``); host times
-average 20 calls without synchronising.
+cProfile's per-function time); with ``--permute``, the permutation kernel's configs (``permute_configs``).
+Times are medians of ``triton.testing.do_bench`` (eager launches, L2 flushed between calls) unless under a
+CUDA graph (``do_bench_cudagraph``); host times average 20 calls without synchronising.
 """
 
 from __future__ import annotations
@@ -177,6 +178,37 @@ def host_parts(w, x: torch.Tensor) -> dict:
                                                         w.channel_perm, None, None, w.sparse_compressed)))
 
 
+def permute_configs(w, x: torch.Tensor) -> dict:
+    """GPU time of the permutation kernel (``_permute_quads_kernel``) over num_warps and quads per program,
+    against a plain copy of x (the same bytes moved, no gather) and torch's ``index_select`` of quads; each
+    config's output checked against the shipped one."""
+    from vllm_spense.kernels import spense_gemm as gemm
+
+    m, k = x.shape
+    quads = k // GROUP_SIZE
+    shipped = permute_columns(x, w.channel_perm, m)
+    source, out = gemm.quad_words(x), torch.empty_like(gemm.quad_words(x))
+    times = {}
+    for warps in (2, 4, 8, 16):
+        for block in (128, 256, 512, 1024):
+            if block > gemm._next_power_of_2(quads):
+                continue
+
+            def launch(warps=warps, block=block):
+                gemm._permute_quads_kernel[(m, gemm._cdiv(quads, block))](
+                    source, w.channel_perm, out, quads, source.stride(0), out.stride(0), WORDS=source.shape[1] // quads,
+                    BLOCK_Q=block, num_warps=warps)
+            launch()
+            assert torch.equal(out.view(x.dtype), shipped)
+            times[f"warps={warps} block_q={block}"] = gpu_us(launch)
+    quad_index = (w.channel_perm[0::GROUP_SIZE] // GROUP_SIZE).long()
+    one_word = source.shape[1] == quads  # 16-bit values: a quad is one int64, what index_select moves here
+    return dict(permute_shipped_us=gpu_us(lambda: permute_columns(x, w.channel_perm, m)), permute_configs_us=times,
+                copy_us=gpu_us(lambda: out.copy_(source)),
+                index_select_quads_us=gpu_us(lambda: torch.index_select(source, 1, quad_index, out=out))
+                if one_word else None)
+
+
 def host_profile(call, calls: int = 200, top: int = 25) -> list[str]:
     """The ``top`` functions by own time under cProfile over ``calls`` calls (us per call, own and
     cumulative; cProfile's overhead inflates functions that make many small calls)."""
@@ -201,6 +233,7 @@ def main() -> None:
     parser.add_argument("--algs", action="store_true")
     parser.add_argument("--layout", action="store_true", help="y features-major + a transpose (transposed_layout)")
     parser.add_argument("--host", action="store_true", help="host time of the op and its parts (host_parts)")
+    parser.add_argument("--permute", action="store_true", help="the permutation kernel's configs (permute_configs)")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--ms", nargs="*", type=int, default=MS)
     args = parser.parse_args()
@@ -229,6 +262,8 @@ def main() -> None:
                 row.update(transposed_layout(w, x))
             elif args.host:
                 row.update(host_parts(w, x))
+            elif args.permute:
+                row.update(permute_configs(w, x))
             else:
                 row.update(parts(w, base, x, x_perm, y))
             rows.append(row)

@@ -863,6 +863,10 @@ SPARSE_CORES_PREFILL = KernelConfig(0, 0, 0, 0, 1, 4, 1, "sparse_cores")
 SPARSE_CORES_ROW_STEP = 128
 # vLLM's largest CUDA-graph batch by default: prefill sizes up to it get their cuSPARSELt plans at warm-up.
 CAPTURED_PREFILL_MAX_M = 512
+# The permutation of x before cuSPARSELt: 8 warps a row (1024 quads a program) ran 2-17% faster than 4 on the
+# 8B o and down inputs at 2048 and 4096 rows on an H200, near a plain copy of x's bytes
+# (bench_cusparselt.py --permute, bench_cusparselt_permute_h200.json).
+PREFILL_PERMUTE_WARPS = 8
 
 
 def mma_tiles(m: int, n: int, k: int) -> KernelConfig:
@@ -1074,11 +1078,12 @@ def _row_buffer(rows: int, m: int, k: int, dtype: torch.dtype, device: torch.dev
     return buffer
 
 
-def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int, launch_dependents: bool = False
-                    ) -> torch.Tensor:
+def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int, launch_dependents: bool = False,
+                    num_warps: int = 4) -> torch.Tensor:
     """``x[:, channel_perm]`` (dense channels first, then the 2:4 channels) in a buffer of ``rows >= M``
     rows (the padding rows are left unset on the GPU). One launch of ``_permute_quads_kernel``, in place
-    of torch's ``index_select``, which cost about a fifth of the MMA path's time at M = 8 (docs/KERNELS.md)."""
+    of torch's ``index_select``, which cost about a fifth of the MMA path's time at M = 8 (docs/KERNELS.md).
+    ``num_warps``: 8 for prefill-sized x (``PREFILL_PERMUTE_WARPS``)."""
     m, k = x.shape
     permuted = _row_buffer(rows, m, k, x.dtype, x.device)
     source, target = quad_words(x.contiguous()), quad_words(permuted)
@@ -1086,7 +1091,7 @@ def permute_columns(x: torch.Tensor, channel_perm: torch.Tensor, rows: int, laun
     block = min(1024, _next_power_of_2(k // GROUP_SIZE))
     _permute_quads_kernel[(m, _cdiv(k // GROUP_SIZE, block))](
         source, channel_perm, target, k // GROUP_SIZE, source.stride(0), target.stride(0), WORDS=words, BLOCK_Q=block,
-        LAUNCH_DEPENDENTS=launch_dependents)
+        LAUNCH_DEPENDENTS=launch_dependents, num_warps=num_warps)
     return permuted
 
 
@@ -1130,7 +1135,7 @@ def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: to
     by ``narrow``, not indexing, and cuBLAS allocating y: this path runs once per layer of a host-bound
     prefill, where each ``[:, :kd]`` costs a few us more (docs/PERFORMANCE.md)."""
     m, kd = x.shape[0], weight.kd
-    x_perm = permute_columns(x, weight.channel_perm, rows)
+    x_perm = permute_columns(x, weight.channel_perm, rows, num_warps=PREFILL_PERMUTE_WARPS)
     x_dense = x_perm.narrow(1, 0, kd)
     if kd == 0:
         y = (torch.zeros(rows, weight.n, device=x.device, dtype=x.dtype) if bias is None
