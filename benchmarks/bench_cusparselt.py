@@ -146,18 +146,16 @@ def host_parts(w, x: torch.Tensor) -> dict:
     x_perm = permute_columns(x, w.channel_perm, m)
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     reference = spense_gemm(x, w).float()
-    # the permutation as torch's index_select of whole quads (8-byte words), the alternative to our kernel
-    x_quads, quad_index = x.view(torch.int64), (w.channel_perm[0::GROUP_SIZE] // GROUP_SIZE).long()
-    permuted_quads = torch.empty_like(x_quads)
-    torch.index_select(x_quads, 1, quad_index, out=permuted_quads)
-    assert torch.equal(permuted_quads.view(x.dtype), x_perm)
-    op_error = ((spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask, w.channel_perm, None, None,
-                               w.sparse_compressed).float() - reference).norm() / reference.norm()).item()
+    index_select = quads_by_index_select(w, x, torch.empty_like(x))
+
+    def op():
+        return spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask, w.channel_perm, None, None,
+                             w.sparse_compressed)
+    op_error = ((op().float() - reference).norm() / reference.norm()).item()
     return dict(
         op_vs_spense_gemm_error=op_error,
         cublas_host_us=host_us(lambda: F.linear(x, dense)),
-        op_host_us=host_us(lambda: spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask,
-                                                 w.channel_perm, None, None, w.sparse_compressed)),
+        op_host_us=host_us(op),
         spense_gemm_host_us=host_us(lambda: spense_gemm(x, w)),
         prefill_on_sparse_cores_host_us=host_us(
             lambda: gemm._prefill_on_sparse_cores(x, w, None, gemm._sparse_cores_rows(m))),
@@ -168,25 +166,37 @@ def host_parts(w, x: torch.Tensor) -> dict:
         capturing_host_us=host_us(lambda: torch.cuda.is_current_stream_capturing()),
         permute_host_us=host_us(lambda: permute_columns(x, w.channel_perm, m)),
         permute_us=gpu_us(lambda: permute_columns(x, w.channel_perm, m)),
-        index_select_quads_host_us=host_us(lambda: torch.index_select(x_quads, 1, quad_index, out=permuted_quads)),
-        index_select_quads_us=gpu_us(lambda: torch.index_select(x_quads, 1, quad_index, out=permuted_quads)),
+        index_select_quads_host_us=host_us(index_select),
+        index_select_quads_us=gpu_us(index_select),
         empty_host_us=host_us(lambda: torch.empty(m, n, device=x.device, dtype=x.dtype)),
         dense_mm_host_us=host_us(lambda: torch.mm(x_perm[:, :kd], w.dense_weight.t(), out=y)),
         cusparselt_host_us=host_us(lambda: cusparselt.add_sparse_product(w.sparse_compressed, x_perm[:, kd:], y)),
         check_operands_host_us=host_us(lambda: cusparselt.check_operands(w.sparse_compressed, x_perm[:, kd:], y)),
-        host_profile=host_profile(lambda: spense_linear(x, w.dense_weight, w.sparse_weight, w.sparse_meta, mask,
-                                                        w.channel_perm, None, None, w.sparse_compressed)))
+        host_profile=host_profile(op))
+
+
+def quads_by_index_select(w, x: torch.Tensor, out: torch.Tensor):
+    """The permutation as torch's ``index_select`` of whole quads (one int64 per quad of 16-bit values) into
+    ``out`` (x's shape), the alternative to our kernel: the call, once checked against ``permute_columns``."""
+    source, target = x.view(torch.int64), out.view(torch.int64)
+    quad_index = (w.channel_perm[0::GROUP_SIZE] // GROUP_SIZE).long()
+
+    def call():
+        torch.index_select(source, 1, quad_index, out=target)
+    call()
+    assert torch.equal(out, permute_columns(x, w.channel_perm, x.shape[0]))
+    return call
 
 
 def permute_configs(w, x: torch.Tensor) -> dict:
     """GPU time of the permutation kernel (``_permute_quads_kernel``) over num_warps and quads per program,
     against a plain copy of x (the same bytes moved, no gather) and torch's ``index_select`` of quads; each
-    config's output checked against the shipped one."""
+    config's output checked against the prefill path's own call (``PREFILL_PERMUTE_WARPS``)."""
     from vllm_spense.kernels import spense_gemm as gemm
 
     m, k = x.shape
     quads = k // GROUP_SIZE
-    shipped = permute_columns(x, w.channel_perm, m)
+    shipped = permute_columns(x, w.channel_perm, m, num_warps=gemm.PREFILL_PERMUTE_WARPS)
     source, out = gemm.quad_words(x), torch.empty_like(gemm.quad_words(x))
     times = {}
     for warps in (2, 4, 8, 16):
@@ -201,12 +211,11 @@ def permute_configs(w, x: torch.Tensor) -> dict:
             launch()
             assert torch.equal(out.view(x.dtype), shipped)
             times[f"warps={warps} block_q={block}"] = gpu_us(launch)
-    quad_index = (w.channel_perm[0::GROUP_SIZE] // GROUP_SIZE).long()
-    one_word = source.shape[1] == quads  # 16-bit values: a quad is one int64, what index_select moves here
-    return dict(permute_shipped_us=gpu_us(lambda: permute_columns(x, w.channel_perm, m)), permute_configs_us=times,
-                copy_us=gpu_us(lambda: out.copy_(source)),
-                index_select_quads_us=gpu_us(lambda: torch.index_select(source, 1, quad_index, out=out))
-                if one_word else None)
+    one_word = source.shape[1] == quads  # 16-bit values: a quad is one int64, what index_select moves
+    return dict(permute_prefill_us=gpu_us(lambda: permute_columns(x, w.channel_perm, m,
+                                                                  num_warps=gemm.PREFILL_PERMUTE_WARPS)),
+                permute_configs_us=times, copy_us=gpu_us(lambda: out.copy_(source)),
+                index_select_quads_us=gpu_us(quads_by_index_select(w, x, torch.empty_like(x))) if one_word else None)
 
 
 def host_profile(call, calls: int = 200, top: int = 25) -> list[str]:
