@@ -53,12 +53,14 @@ def host_us(call, calls: int = 20) -> float:
     return seconds / calls * 1e6
 
 
-def algorithms(compressed, n: int, ks: int, x_sparse, y, y_transposed: bool = False) -> dict[int, float]:
+def algorithms(compressed, n: int, ks: int, x_sparse, y, y_transposed: bool = False,
+               split_k: int | None = None) -> dict[int, float]:
     """The time of every algorithm config cuSPARSELt reports for this problem (plan by plan; a config it
-    refuses is skipped, as ``cusparselt._alg_id`` does); ``y_transposed``: y is ``[N, M]`` (``Plan``)."""
+    refuses is skipped, as ``cusparselt._alg_id`` does); ``y_transposed``: y is ``[N, M]``, ``split_k``:
+    cuSPARSELt's split-K factor (``Plan``)."""
     def plan(alg=None):
         return cusparselt.Plan(cusparselt.library(), x_sparse.device, n, ks, x_sparse.shape[0], x_sparse.stride(0),
-                               x_sparse.dtype, alg, y_transposed)
+                               x_sparse.dtype, alg, y_transposed, split_k if alg is not None else None)
 
     times = {}
     for alg in range(plan().max_alg_id):
@@ -97,7 +99,7 @@ def parts(w, base: torch.Tensor, x: torch.Tensor, x_perm: torch.Tensor, y: torch
         permute_us=gpu_us(lambda: permute_columns(x, w.channel_perm, x.shape[0])),
         dense_region_us=gpu_us(lambda: torch.mm(x_perm[:, :kd], w.dense_weight.t())),
         cusparselt_us=gpu_us(ours), cusparselt_host_us=host_us(ours),
-        algorithm=cusparselt.chosen_algorithm(n, k - kd, k, x.dtype, x.device),
+        algorithm=cusparselt.chosen_algorithm(n, k - kd, x.shape[0], k, x.dtype, x.device),
         cusparselt_contiguous_us=gpu_us(ours_contiguous), cusparselt_contiguous_graph_us=graph_us(ours_contiguous),
         torch_2_4_graph_us=graph_us(lambda: F.linear(x_contiguous, region)),
         torch_cslt_host_us=host_us(torch_op), torch_cslt_us=gpu_us(torch_op))
@@ -240,6 +242,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True)
     parser.add_argument("--algs", action="store_true")
+    parser.add_argument("--split-k", nargs="*", type=int, default=[None],
+                        help="with --algs: cuSPARSELt split-K factors to time each algorithm with")
     parser.add_argument("--layout", action="store_true", help="y features-major + a transpose (transposed_layout)")
     parser.add_argument("--host", action="store_true", help="host time of the op and its parts (host_parts)")
     parser.add_argument("--permute", action="store_true", help="the permutation kernel's configs (permute_configs)")
@@ -266,7 +270,11 @@ def main() -> None:
             row = {"shape": name, "n": n, "k": k, "m": m,
                    "cublas_sparse_columns_dense_us": gpu_us(lambda: torch.mm(x_sparse, sparse_dense.t()))}
             if args.algs:
-                row["cusparselt_algorithms_us"] = algorithms(w.sparse_compressed, n, k - kd, x_sparse, y)
+                row["cublas_us"] = gpu_us(lambda: F.linear(x, base))
+                row["cublas_dense_region_us"] = gpu_us(lambda: torch.mm(x_perm[:, :kd], w.dense_weight.t()))
+                for split_k in args.split_k:
+                    key = "cusparselt_algorithms_us" + ("" if split_k is None else f" split_k={split_k}")
+                    row[key] = algorithms(w.sparse_compressed, n, k - kd, x_sparse, y, split_k=split_k)
             elif args.layout:
                 row.update(transposed_layout(w, x))
             elif args.host:

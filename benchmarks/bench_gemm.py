@@ -190,17 +190,18 @@ def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,)
             json.dump(results, handle, indent=1)
 
 
-def crossover(path: str) -> None:
-    """The default path against the fused MMA kernel with 16-, 32- and 64-row tiles and the cuBLAS + 2:4
-    expansion path, M = 1 to 128, Qwen3-8B shapes, rho = 0.25: where ``MMA_MAX_M`` should sit. Also the
-    MMA kernel without the row padding of x (``KernelConfig.pad_rows``), at M = 8 and 24."""
+def crossover(path: str, shapes: list[str]) -> None:
+    """The default path against the fused MMA kernel with 16- and 32-row tiles, the cuBLAS + 2:4 expansion
+    path and cuBLAS + cuSPARSELt (``SPARSE_CORES_PREFILL``, where the weight has it), M = 1 to 256, Qwen3-8B
+    shapes (or ``shapes``), rho = 0.25: where ``MMA_MAX_M`` should sit. Also the MMA kernel without the row padding of x
+    (``KernelConfig.pad_rows``), at M = 8 and 24."""
     from vllm_spense.kernels import spense_gemm as module
 
     mma = {f"mma {block_m}": dataclasses.replace(module.BATCHED_DECODE_MMA, block_m=block_m) for block_m in (16, 32)}
     results = []
-    for name in ("8B qkv", "8B o", "8B gate_up", "8B down"):
+    for name in shapes:
         k, ws, dense_ws = rotating_weights(name, 0.25)
-        for m in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128):
+        for m in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256):
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(len(ws))]
             row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
                    "default_us": timed(lambda w, x: spense_gemm(x, w), ws, xs) * 1e3,
@@ -208,6 +209,9 @@ def crossover(path: str) -> None:
             if m > 1:
                 for label, config in mma.items():
                     row[f"{label}_us"] = timed(lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
+                if ws[0].sparse_compressed is not None:
+                    row["sparse_cores_us"] = timed(lambda w, x: spense_gemm(x, w, config=module.SPARSE_CORES_PREFILL),
+                                                   ws, xs) * 1e3
             if m in (8, 24):
                 unpadded = dataclasses.replace(module.BATCHED_DECODE_MMA, pad_rows=False)
                 row["default unpadded_us"] = timed(lambda w, x: spense_gemm(x, w, config=unpadded), ws, xs) * 1e3
@@ -223,7 +227,7 @@ def crossover(path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
-    parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="*", help="default: all of SHAPES; the 8B ones with --crossover")
     parser.add_argument("--ms", nargs="*", type=int, default=MS)
     parser.add_argument("--sweep", help="also time decode tile configs; write them to this JSON file")
     parser.add_argument("--crossover", help="only time MMA vs unpack + cuBLAS for mid-size M; write this JSON file")
@@ -236,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.crossover:
-        return crossover(args.crossover)
+        return crossover(args.crossover, args.shapes or list(SWEEP_SHAPES))
     if args.sweep:
         sweep_decode(args.sweep, args.fp8, tuple(args.sweep_ms), tuple(args.sweep_kernels), tuple(args.sweep_shapes))
         if args.fp8:
@@ -245,7 +249,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     print(f"{device}: copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)")
     rows = []
-    for name in args.shapes:
+    for name in (args.shapes if args.shapes is not None else list(SHAPES)):
         n, k = SHAPES[name]
         base = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         copies = max(1, -(-ROTATE_BYTES // weight_bytes(base)))

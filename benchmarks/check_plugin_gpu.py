@@ -30,9 +30,9 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 LAYERS = {"qwen3-8b qkv_proj": (6144, 4096, 8), "ragged": (1000, 640, 4)}
 MS = [1, 8, 100, 2048]
 GRAPH_MS = [1, 8]
-# A prefill size vLLM captures in a CUDA graph, past MMA_MAX_M (on cuSPARSELt for bf16 layers); 16-bit
-# values only, since FP8 ones take W8A8 there.
-PREFILL_GRAPH_M = 384
+# Batch sizes vLLM captures in CUDA graphs that run on cuSPARSELt for bf16 layers (from SPARSE_CORES_MIN_M
+# rows; past MMA_MAX_M for the others); 16-bit values only, since FP8 ones take W8A8 past MMA_MAX_M.
+SPARSE_CORES_GRAPH_MS = [100, 384]
 
 
 def spense_layer(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: bool = False,
@@ -121,7 +121,7 @@ def main() -> int:
                 ref = x.double() @ weight.T + bias.double()
                 record(dtype, name, "eager", m, rel_err(linear_kernel.apply(layer, x, bias), ref))
                 record(dtype, name, "torch.compile fullgraph", m, rel_err(compiled(x, bias), ref))
-            for m in GRAPH_MS if fp8 else GRAPH_MS + [PREFILL_GRAPH_M]:
+            for m in GRAPH_MS if fp8 else GRAPH_MS + SPARSE_CORES_GRAPH_MS:
                 static_x = torch.randn(m, k, device="cuda", dtype=dtype)
                 linear_kernel.apply(layer, static_x, bias)  # warm up (compiles the kernel) outside the capture
                 torch.cuda.synchronize()

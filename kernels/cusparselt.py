@@ -43,7 +43,7 @@ _OP_N, _OP_T = 0, 1
 _SPARSITY_50_PERCENT = 0
 _COMPUTE_32F = 2
 _ALG_DEFAULT = 0
-_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID = 0, 1  # cusparseLtMatmulAlgAttribute_t
+_ALG_CONFIG_ID, _ALG_CONFIG_MAX_ID, _ALG_SPLIT_K = 0, 1, 3  # cusparseLtMatmulAlgAttribute_t
 _ALIGNMENT = 16  # bytes: every pointer and leading dimension must be a multiple
 _OPAQUE_BYTES = 4096  # cuSPARSELt's opaque structs are 512-1024 bytes (by version); room for any of them
 _ARCHITECTURES = ((8, 0), (8, 6), (8, 7), (8, 9), (9, 0))  # sparse tensor cores cuSPARSELt 0.6-0.8 serves
@@ -162,10 +162,12 @@ class Plan:
     (cuSPARSELt's default where ``alg_id`` is None); the descriptors stay alive as long as the plan, which
     refers to them. ``max_alg_id``: how many algorithm configs cuSPARSELt has for this problem.
     ``y_transposed``: y is ``[N, M]`` row-major instead (the layout torch's 2:4 ``F.linear`` writes;
-    benchmarks/bench_cusparselt.py ``--layout`` times it)."""
+    benchmarks/bench_cusparselt.py ``--layout`` times it). ``split_k``: cuSPARSELt's split-K factor
+    (``--algs --split-k``; 0.8 on an H200 refused every factor but 1)."""
 
     def __init__(self, lib: _Library, device: torch.device, n: int, ks: int, m: int, ld_x: int,
-                 dtype: torch.dtype, alg_id: int | None = None, y_transposed: bool = False):
+                 dtype: torch.dtype, alg_id: int | None = None, y_transposed: bool = False,
+                 split_k: int | None = None):
         self.lib, self.handle = lib, lib.handle(device)
         self._made: list[tuple[str, ctypes.Array]] = []  # what was initialised, with its destroy function
         self.sparse, self.x, self.y = _opaque(), _opaque(), _opaque()
@@ -189,6 +191,10 @@ class Plan:
             config.value = alg_id
             lib.check("cusparseLtMatmulAlgSetAttribute", handle, self.alg, _ALG_CONFIG_ID, ctypes.byref(config),
                       ctypes.sizeof(config))
+        if split_k is not None:
+            config.value = split_k
+            lib.check("cusparseLtMatmulAlgSetAttribute", handle, self.alg, _ALG_SPLIT_K, ctypes.byref(config),
+                      ctypes.sizeof(config))
         self._init("cusparseLtMatmulPlanDestroy", "cusparseLtMatmulPlanInit", handle, self.plan, self.matmul,
                    self.alg)
         size = ctypes.c_size_t(0)
@@ -206,9 +212,10 @@ class Plan:
                 function(struct)
 
 
-# Plans by (N, Ks, M, x's row stride, dtype, device), algorithms by the same less M, and what cuSPARSELt
-# refused, all built outside CUDA-graph capture (``has_plan``). One workspace per device, calls on one stream
-# running one after another; one it outgrows is kept, since CUDA graphs captured before still point to it.
+# Plans by (N, Ks, M, x's row stride, dtype, device), algorithms by the same with M as searched
+# (``_search_rows``), and what cuSPARSELt refused, all built outside CUDA-graph capture (``has_plan``). One
+# workspace per device, calls on one stream running one after another; one it outgrows is kept, since CUDA
+# graphs captured before still point to it.
 _plans: dict[tuple, Plan] = {}
 _alg_ids: dict[tuple, int] = {}
 _refused: dict[tuple, str] = {}
@@ -216,27 +223,32 @@ _workspaces: dict[torch.device, torch.Tensor] = {}
 _outgrown_workspaces: list[torch.Tensor] = []
 _lock = threading.Lock()
 _ONE = ctypes.c_float(1.0)
-# Rows of the problem each weight shape's algorithm is chosen on (``_alg_id``).
+# Rows of the problem each weight shape's algorithm is chosen on (``_alg_id``): plans of up to
+# SEARCH_OWN_ROWS_MAX rows (those vLLM's CUDA graphs capture, built at warm-up) get their own search, where
+# the 4096-row choice ran the 8B shapes' 2:4 region up to 1.5x slower than the best at 16-256 rows
+# (cusparselt_algs_small_m_h200.json); larger plans, built while serving, share one search at SEARCH_ROWS.
 SEARCH_ROWS = 4096
+SEARCH_OWN_ROWS_MAX = 512
 SEARCH_REPEATS = 3
 
 
 def _alg_id(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> int:
     """The fastest of cuSPARSELt's algorithm configs for this weight shape, timed once with CUDA events on
-    ``SEARCH_ROWS`` rows of random activations laid out as ``x_sparse`` (same row stride): the median of
+    ``_search_rows`` rows of random activations laid out as ``x_sparse`` (same row stride): the median of
     ``SEARCH_REPEATS`` calls each, after one; a config that fails is skipped. Our own timing rather than
     torch's ``_cslt_sparse_mm_search``, which times another layout (contiguous activations) and picked
     algorithms up to 8% slower than the best on the 8B shapes (docs/KERNELS.md)."""
     ks, ld, dtype, device = x_sparse.shape[1], x_sparse.stride(0), x_sparse.dtype, x_sparse.device
-    key = (n, ks, ld, dtype, device)
+    rows = _search_rows(x_sparse.shape[0])
+    key = (n, ks, rows, ld, dtype, device)
     if key in _alg_ids:
         return _alg_ids[key]
-    x = torch.randn(SEARCH_ROWS, ld, device=device, dtype=dtype)[:, :ks]
-    y = torch.zeros(SEARCH_ROWS, n, device=device, dtype=dtype)
+    x = torch.randn(rows, ld, device=device, dtype=dtype)[:, :ks]
+    y = torch.zeros(rows, n, device=device, dtype=dtype)
     times = {}
-    for alg in range(Plan(library(), device, n, ks, SEARCH_ROWS, ld, dtype).max_alg_id):
+    for alg in range(Plan(library(), device, n, ks, rows, ld, dtype).max_alg_id):
         try:
-            plan = Plan(library(), device, n, ks, SEARCH_ROWS, ld, dtype, alg)
+            plan = Plan(library(), device, n, ks, rows, ld, dtype, alg)
             workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
             run_plan(plan, compressed, x, y, workspace)
             samples = []
@@ -256,9 +268,16 @@ def _alg_id(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> int:
     return _alg_ids[key]
 
 
-def chosen_algorithm(n: int, ks: int, row_stride: int, dtype: torch.dtype, device: torch.device) -> int | None:
-    """The algorithm ``_alg_id`` chose for this weight shape and activation row stride, None before it ran."""
-    return _alg_ids.get((n, ks, row_stride, dtype, device))
+def _search_rows(rows: int) -> int:
+    """The rows ``_alg_id`` times a plan of ``rows`` rows on: its own up to ``SEARCH_OWN_ROWS_MAX``."""
+    return rows if rows <= SEARCH_OWN_ROWS_MAX else SEARCH_ROWS
+
+
+def chosen_algorithm(n: int, ks: int, rows: int, row_stride: int, dtype: torch.dtype,
+                     device: torch.device) -> int | None:
+    """The algorithm ``_alg_id`` chose for a plan of this weight shape, rows and activation row stride, None
+    before it ran."""
+    return _alg_ids.get((n, ks, _search_rows(rows), row_stride, dtype, device))
 
 
 def has_plan(n: int, ks: int, rows: int, row_stride: int, dtype: torch.dtype, device: torch.device) -> bool:

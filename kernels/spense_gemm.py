@@ -29,7 +29,10 @@ tile are neighbours in the grid, so they share its weights through L2. With ``SP
 both walks and add partial sums into an fp32 buffer with atomics. Past 48 rows (32 for very wide weights)
 the operands are swapped (``SWAP_AB``: ``y^T = W x^T``), so one expanded weight tile serves up to 256 rows.
 
-M > ``MMA_MAX_M`` (prefill): ``_spense_expand_kernel`` writes all of W as a dense
+M >= ``SPARSE_CORES_MIN_M`` for bf16 weights on GPUs with sparse tensor cores (``_prefill_on_sparse_cores``):
+x permuted once, the dense region by cuBLAS, the 2:4 region by cuSPARSELt added onto it.
+
+M > ``MMA_MAX_M`` for other weights (prefill): ``_spense_expand_kernel`` writes all of W as a dense
 ``[N, K]`` temporary in x's own channel order (contiguous writes; each group read from its packed place)
 and one cuBLAS GEMM multiplies x as it comes; the temporary is freed.
 
@@ -858,6 +861,11 @@ FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
 # Prefill on the sparse tensor cores, for weights ``with_sparse_cores``: x permuted once, the dense region by
 # cuBLAS, the 2:4 region by cuSPARSELt added onto it (``_prefill_on_sparse_cores``).
 SPARSE_CORES_PREFILL = KernelConfig(0, 0, 0, 0, 1, 4, 1, "sparse_cores")
+# From this many rows, weights with_sparse_cores take that path instead of the MMA kernel: with each plan's
+# algorithm searched at its own row count (cusparselt.SEARCH_OWN_ROWS_MAX) it took 0.62-0.94x the MMA
+# kernel's time on seven of the eight bench_gemm shapes at 96-128 rows (8B down 1.05x) and 0.51-0.79x at
+# 192-256 rows; at 64 rows it tied or lost (H200, crossover_sparse_cores_h200.json).
+SPARSE_CORES_MIN_M = 65
 # cuSPARSELt plans are per row count: rows are padded to a multiple of this, so a server builds at most
 # max_num_batched_tokens / 128 plans per weight shape (a few ms of host time each, once).
 SPARSE_CORES_ROW_STEP = 128
@@ -968,19 +976,19 @@ def fp8_mma_tiles(m: int, n: int, k: int) -> KernelConfig:
 def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = False,
                   sparse_cores: bool = False) -> KernelConfig:
     """Kernel and tiles by M, N and K: the gemv kernel for one row (``gemv_tiles``, by the device's SM count)
-    and for two against small 16-bit weights (``gemv_two_rows_tiles``), the fused MMA kernel up to
-    ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8 values); beyond, cuBLAS plus
-    cuSPARSELt for weights with ``sparse_cores`` (``SpenseGemmWeight.with_sparse_cores``), else W expanded +
-    one cuBLAS GEMM. FP8 weights are multiplied in x's dtype (W8A16) at decode
-    and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
+    and for two against small 16-bit weights (``gemv_two_rows_tiles``); cuBLAS plus cuSPARSELt from
+    ``SPARSE_CORES_MIN_M`` rows for weights with ``sparse_cores`` (``SpenseGemmWeight.with_sparse_cores``);
+    else the fused MMA kernel up to ``MMA_MAX_M`` rows (``mma_tiles`` by shape, ``fp8_mma_tiles`` for FP8
+    values) and W expanded + one cuBLAS GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at
+    decode and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
+    if sparse_cores and m >= SPARSE_CORES_MIN_M:
+        return SPARSE_CORES_PREFILL
     if m == 1:
         return gemv_tiles(n, k, multiprocessors(device), fp8)
     if m == 2 and not fp8 and n * k <= GEMV_TWO_ROWS_MAX_WEIGHT:
         return gemv_two_rows_tiles(k)
     if m <= MMA_MAX_M:
         return fp8_mma_tiles(m, n, k) if fp8 else mma_tiles(m, n, k)
-    if sparse_cores:
-        return SPARSE_CORES_PREFILL
     return FP8_PREFILL if fp8 and n % 16 == 0 and k % 16 == 0 else UNPACK_AND_CUBLAS
 
 
@@ -1165,16 +1173,18 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
     if config.kernel == "sparse_cores" and m > 0:
         rows = _sparse_cores_rows(m)
         plan = (weight.n, weight.k - weight.kd, rows, weight.k, x.dtype, x.device)
-        # No plan may be built inside a CUDA-graph capture; a size cuSPARSELt refused takes the expansion path.
+        # No plan may be built inside a CUDA-graph capture; a size cuSPARSELt refused takes the path of weights
+        # without sparse cores (the MMA kernel or the expansion).
+        without = choose_config(m, weight.n, weight.k, x.device, weight.is_fp8)
         if cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
                                          and not cusparselt.has_plan(*plan)):
-            config = UNPACK_AND_CUBLAS
+            config = without
         else:
             try:
                 y = _prefill_on_sparse_cores(x.contiguous(), weight, bias, rows)
                 return y if out is None else out.copy_(y)
             except cusparselt.CusparseLtError:  # refused at this size (logged once, remembered)
-                config = UNPACK_AND_CUBLAS
+                config = without
     if config.kernel == "unpack" and m > 0:  # prefill: cuBLAS allocates its own output; copy only into ``out``
         y = _prefill(x.contiguous(), weight, bias, config)
         return y if out is None else out.copy_(y)
@@ -1246,11 +1256,12 @@ def warm_up(weight: SpenseGemmWeight, dtype: torch.dtype, bias: torch.Tensor | N
     compile stalls every request in flight (vLLM's JIT monitor warned of one in H200 serving runs before).
     Weights whose sizes share their divisibility share compiled kernels, so only the first layers pay."""
     device = weight.dense_weight.device
-    row_counts = warmup_row_counts(weight.n, weight.k, weight.is_fp8, device)
-    if weight.sparse_compressed is not None:  # cuSPARSELt plans for the prefill sizes vLLM captures (<= 512)
-        row_counts += range(MMA_MAX_M + SPARSE_CORES_ROW_STEP, CAPTURED_PREFILL_MAX_M + 1, SPARSE_CORES_ROW_STEP)
-        # and the expansion path's kernels, which a capture of a size without a plan (or a refused size) takes
-        spense_gemm(torch.zeros(MMA_MAX_M + 1, weight.k, device=device, dtype=dtype), weight, bias,
-                    config=UNPACK_AND_CUBLAS)
-    for m in row_counts:
-        spense_gemm(torch.zeros(m, weight.k, device=device, dtype=dtype), weight, bias)
+    for m in warmup_row_counts(weight.n, weight.k, weight.is_fp8, device):  # and sizes cuSPARSELt refuses
+        spense_gemm(torch.zeros(m, weight.k, device=device, dtype=dtype), weight, bias,
+                    config=choose_config(m, weight.n, weight.k, device, weight.is_fp8))
+    if weight.sparse_compressed is not None:
+        # cuSPARSELt plans, each with its algorithm search, for the sizes vLLM captures (<= 512), and one past
+        # them, whose search at cusparselt.SEARCH_ROWS all longer prefills share
+        first = _sparse_cores_rows(SPARSE_CORES_MIN_M)
+        for m in range(first, CAPTURED_PREFILL_MAX_M + SPARSE_CORES_ROW_STEP + 1, SPARSE_CORES_ROW_STEP):
+            spense_gemm(torch.zeros(m, weight.k, device=device, dtype=dtype), weight, bias)

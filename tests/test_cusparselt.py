@@ -16,8 +16,8 @@ import torch
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import GROUP_SIZE, pack, sparse_indices
 from vllm_spense.kernels import cusparselt
-from vllm_spense.kernels.spense_gemm import (MMA_MAX_M, SPARSE_CORES_PREFILL, UNPACK_AND_CUBLAS, SpenseGemmWeight,
-                                             choose_config, spense_gemm)
+from vllm_spense.kernels.spense_gemm import (MMA_MAX_M, SPARSE_CORES_MIN_M, SPARSE_CORES_PREFILL, UNPACK_AND_CUBLAS,
+                                             SpenseGemmWeight, choose_config, spense_gemm)
 
 PAIRS = list(itertools.combinations(range(GROUP_SIZE), 2))
 
@@ -134,16 +134,20 @@ def test_prefill_path_on_sparse_cores_matches_fp64(monkeypatch, dense_per_chunk,
     assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-5
 
 
-def test_a_size_cusparselt_refuses_takes_the_expansion_path(monkeypatch):
+@pytest.mark.parametrize("m", [SPARSE_CORES_MIN_M + 30, MMA_MAX_M + 3])  # the MMA kernel / the expansion path
+def test_a_size_cusparselt_refuses_takes_the_path_without_sparse_cores(monkeypatch, m):
     weight, gemm, _ = packed_case(40, 256, 8)
     gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
+    calls = []
 
     def refuse(compressed, x_sparse, y):
+        calls.append(x_sparse.shape)
         raise cusparselt.CusparseLtError("cuSPARSELt: refused (test)")
     monkeypatch.setattr(cusparselt, "add_sparse_product", refuse)
-    x = torch.randn(MMA_MAX_M + 3, 256)
+    x = torch.randn(m, 256)
     reference = x.double() @ weight.double().t()
     y = spense_gemm(x, gemm)
+    assert calls, "the sparse-cores path was not tried"
     assert ((y.double() - reference).norm() / reference.norm()).item() < 1e-5
 
 
@@ -155,13 +159,14 @@ def test_fp16_fp32_and_fp8_weights_stay_off_cusparselt():
     assert not cusparselt.available(torch.device("cpu"), torch.bfloat16)
 
 
-def test_prefill_goes_to_cusparselt_only_past_the_mma_rows():
+def test_cusparselt_takes_batches_from_its_min_rows_and_other_weights_keep_the_mma_kernel():
     cpu = torch.device("cpu")
-    for m in (1, 2, 16, MMA_MAX_M):
+    for m in (1, 2, 16, SPARSE_CORES_MIN_M - 1):
         assert choose_config(m, 6144, 4096, cpu, sparse_cores=True).kernel != "sparse_cores"
-    for m in (MMA_MAX_M + 1, 2048):
+    for m in (SPARSE_CORES_MIN_M, MMA_MAX_M, MMA_MAX_M + 1, 2048):
         assert choose_config(m, 6144, 4096, cpu, sparse_cores=True) == SPARSE_CORES_PREFILL
-        assert choose_config(m, 6144, 4096, cpu) == UNPACK_AND_CUBLAS
+    assert choose_config(MMA_MAX_M, 6144, 4096, cpu).kernel == "mma"
+    assert choose_config(MMA_MAX_M + 1, 6144, 4096, cpu) == UNPACK_AND_CUBLAS
 
 
 def test_sparse_cores_config_needs_a_compressed_weight():
