@@ -225,7 +225,7 @@ _lock = threading.Lock()
 _ONE = ctypes.c_float(1.0)
 # Rows of the problem each weight shape's algorithm is chosen on (``_alg_id``): plans of up to
 # SEARCH_OWN_ROWS_MAX rows (those vLLM's CUDA graphs capture, built at warm-up) get their own search, where
-# the 4096-row choice ran the 8B shapes' 2:4 region up to 1.5x slower than the best at 16-256 rows
+# the 4096-row choice ran the 8B shapes' 2:4 region 1.14-1.49x slower than the best at 128 rows
 # (cusparselt_algs_small_m_h200.json); larger plans, built while serving, share one search at SEARCH_ROWS.
 SEARCH_ROWS = 4096
 SEARCH_OWN_ROWS_MAX = 512

@@ -862,9 +862,9 @@ FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
 # cuBLAS, the 2:4 region by cuSPARSELt added onto it (``_prefill_on_sparse_cores``).
 SPARSE_CORES_PREFILL = KernelConfig(0, 0, 0, 0, 1, 4, 1, "sparse_cores")
 # From this many rows, weights with_sparse_cores take that path instead of the MMA kernel: with each plan's
-# algorithm searched at its own row count (cusparselt.SEARCH_OWN_ROWS_MAX) it took 0.62-0.94x the MMA
-# kernel's time on seven of the eight bench_gemm shapes at 96-128 rows (8B down 1.05x) and 0.51-0.79x at
-# 192-256 rows; at 64 rows it tied or lost (H200, crossover_sparse_cores_h200.json).
+# algorithm searched at its own row count (cusparselt.SEARCH_OWN_ROWS_MAX) it took 0.68-0.98x the MMA
+# kernel's time on six of the eight bench_gemm shapes at 96-128 rows (8B down 1.05x, 32B/TP4 o 1.03x) and
+# 0.57-0.92x on all eight at 192-256; at 64 rows it lost on six (H200, crossover_sparse_cores_h200.json).
 SPARSE_CORES_MIN_M = 65
 # cuSPARSELt plans are per row count: rows are padded to a multiple of this, so a server builds at most
 # max_num_batched_tokens / 128 plans per weight shape (a few ms of host time each, once).

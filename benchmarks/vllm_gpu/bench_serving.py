@@ -65,7 +65,14 @@ async def stream_one(client, prompt: list[int], max_tokens: int) -> tuple[float,
 async def measure(url: str, vocab: int, args) -> dict:
     import openai
 
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600)
+    # Closed inside the event loop: left to the garbage collector, its connections raised "Event loop is
+    # closed" after asyncio.run returned (at 128-256 concurrent requests).
+    async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=600) as client:
+        return await measure_with(client, vocab, args)
+
+
+async def measure_with(client, vocab: int, args) -> dict:
+    """Decode tokens/s at each batch of concurrent requests, then time to first token at each prefill length."""
     rng = random.Random(0)
 
     def prompt(length):
