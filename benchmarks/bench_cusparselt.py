@@ -243,7 +243,8 @@ def main() -> None:
     parser.add_argument("--json", required=True)
     parser.add_argument("--algs", action="store_true")
     parser.add_argument("--split-k", nargs="*", type=int, default=[None],
-                        help="with --algs: cuSPARSELt split-K factors to time each algorithm with")
+                        help="with --algs: cuSPARSELt split-K factors to time each algorithm with (1 or none: no "
+                             "split; a factor cuSPARSELt refuses for every algorithm gives an empty entry)")
     parser.add_argument("--layout", action="store_true", help="y features-major + a transpose (transposed_layout)")
     parser.add_argument("--host", action="store_true", help="host time of the op and its parts (host_parts)")
     parser.add_argument("--permute", action="store_true", help="the permutation kernel's configs (permute_configs)")
@@ -272,7 +273,7 @@ def main() -> None:
             if args.algs:
                 row["cublas_us"] = gpu_us(lambda: F.linear(x, base))
                 row["cublas_dense_region_us"] = gpu_us(lambda: torch.mm(x_perm[:, :kd], w.dense_weight.t()))
-                for split_k in args.split_k:
+                for split_k in args.split_k or [None]:
                     key = "cusparselt_algorithms_us" + ("" if split_k is None else f" split_k={split_k}")
                     row[key] = algorithms(w.sparse_compressed, n, k - kd, x_sparse, y, split_k=split_k)
             elif args.layout:

@@ -23,7 +23,7 @@ import triton.testing
 
 from benchmarks_common import spense_weight_for
 from vllm_spense.format import fp8_scales
-from vllm_spense.kernels.spense_gemm import MMA_MAX_M, UNPACK_AND_CUBLAS, spense_gemm
+from vllm_spense.kernels.spense_gemm import MMA_MAX_M, UNPACK_AND_CUBLAS, choose_config, spense_gemm
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 SHAPES = {  # name: (N, K)
@@ -159,7 +159,8 @@ def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,)
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
             row = {"shape": name, "m": m, "fp8": fp8,
                    "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
-                   "default": str(choose_config(m, SHAPES[name][0], k, torch.device("cuda"), fp8)),
+                   "default": str(choose_config(m, SHAPES[name][0], k, torch.device("cuda"), fp8,
+                                                ws[0].sparse_compressed is not None)),
                    "default_us": timed(lambda w, x: spense_gemm(x, w), ws, xs) * 1e3}
             if fp8:
                 dense_fp8 = fp8_variants(dense_ws[0], copies, spense=False)["dense fp8 (_scaled_mm)"]
@@ -190,21 +191,27 @@ def sweep_decode(path: str | None, fp8: bool = False, ms: tuple[int, ...] = (1,)
             json.dump(results, handle, indent=1)
 
 
-def crossover(path: str, shapes: list[str]) -> None:
-    """The default path against the fused MMA kernel with 16- and 32-row tiles, the cuBLAS + 2:4 expansion
-    path and cuBLAS + cuSPARSELt (``SPARSE_CORES_PREFILL``, where the weight has it), M = 1 to 256, Qwen3-8B
-    shapes (or ``shapes``), rho = 0.25: where ``MMA_MAX_M`` should sit. Also the MMA kernel without the row padding of x
-    (``KernelConfig.pad_rows``), at M = 8 and 24."""
+CROSSOVER_MS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
+
+
+def crossover(path: str, shapes: list[str], ms: list[int]) -> None:
+    """The default path against the path of weights without sparse tensor cores (``without_sparse_cores_us``:
+    the MMA kernel up to ``MMA_MAX_M`` rows, with ``mma_tiles``), the fused MMA kernel with 16- and 32-row
+    tiles, the cuBLAS + 2:4 expansion path and cuBLAS + cuSPARSELt (``SPARSE_CORES_PREFILL``, where the
+    weight has it), at each M of ``ms``, rho = 0.25: where ``MMA_MAX_M`` and ``SPARSE_CORES_MIN_M`` should
+    sit. Also the MMA kernel without the row padding of x (``KernelConfig.pad_rows``), at M = 8 and 24."""
     from vllm_spense.kernels import spense_gemm as module
 
     mma = {f"mma {block_m}": dataclasses.replace(module.BATCHED_DECODE_MMA, block_m=block_m) for block_m in (16, 32)}
     results = []
     for name in shapes:
         k, ws, dense_ws = rotating_weights(name, 0.25)
-        for m in (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256):
+        for m in ms:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(len(ws))]
+            without = module.choose_config(m, ws[0].n, k, xs[0].device)
             row = {"shape": name, "m": m, "cublas_us": timed(lambda w, x: F.linear(x, w), dense_ws, xs) * 1e3,
                    "default_us": timed(lambda w, x: spense_gemm(x, w), ws, xs) * 1e3,
+                   "without_sparse_cores_us": timed(lambda w, x: spense_gemm(x, w, config=without), ws, xs) * 1e3,
                    "unpack_us": timed(lambda w, x: spense_gemm(x, w, config=module.UNPACK_AND_CUBLAS), ws, xs) * 1e3}
             if m > 1:
                 for label, config in mma.items():
@@ -228,7 +235,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
     parser.add_argument("--shapes", nargs="*", help="default: all of SHAPES; the 8B ones with --crossover")
-    parser.add_argument("--ms", nargs="*", type=int, default=MS)
+    parser.add_argument("--ms", nargs="*", type=int, help="default: MS; CROSSOVER_MS with --crossover")
     parser.add_argument("--sweep", help="also time decode tile configs; write them to this JSON file")
     parser.add_argument("--crossover", help="only time MMA vs unpack + cuBLAS for mid-size M; write this JSON file")
     parser.add_argument("--sweep-ms", nargs="*", type=int, default=[1], help="the M values --sweep times")
@@ -240,7 +247,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.crossover:
-        return crossover(args.crossover, args.shapes or list(SWEEP_SHAPES))
+        return crossover(args.crossover, args.shapes or list(SWEEP_SHAPES), args.ms or CROSSOVER_MS)
     if args.sweep:
         sweep_decode(args.sweep, args.fp8, tuple(args.sweep_ms), tuple(args.sweep_kernels), tuple(args.sweep_shapes))
         if args.fp8:
@@ -258,9 +265,9 @@ def main() -> None:
         for rho in RHOS if not args.fp8_only else ():
             sw = [spense_weight_for(base, rho) for _ in range(copies)]
             variants[f"spense rho={rho}"] = (sw, lambda w, x: spense_gemm(x, w), None)
-            if rho == 0.25:  # prefill without cuSPARSELt: W expanded + one cuBLAS GEMM (what runs elsewhere)
+            if rho == 0.25:  # without cuSPARSELt (what runs elsewhere): the MMA kernel, then W expanded + cuBLAS
                 variants["spense rho=0.25 expand"] = (sw, lambda w, x: spense_gemm(
-                    x, w, config=UNPACK_AND_CUBLAS if x.shape[0] > MMA_MAX_M else None), None)
+                    x, w, config=choose_config(x.shape[0], w.n, w.k, x.device)), None)
         try:
             from torch.sparse import to_sparse_semi_structured
 
@@ -272,7 +279,7 @@ def main() -> None:
             print(f"torch 2:4 unavailable for {name}: {error}")
         if args.fp8 or args.fp8_only:
             variants.update(fp8_variants(base, copies))
-        for m in args.ms:
+        for m in args.ms or MS:
             xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(max(1, copies // 2))]
             io_bytes = 2 * m * (k + n)
             result = {"shape": name, "n": n, "k": k, "m": m}

@@ -23,7 +23,7 @@ import triton
 from benchmarks_common import compiled_variants
 from vllm_spense import linear_kernel
 from vllm_spense.format import fp8_scales, pack, unpack
-from vllm_spense.kernels import spense_gemm
+from vllm_spense.kernels import cusparselt, spense_gemm
 from vllm_spense.offline.sparsegpt import magnitude_2_4
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -65,6 +65,29 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def layer_name(label: str, layer: torch.nn.Module, fp8: bool) -> str:
     """The label, FP8 values, and whether prefill runs on cuSPARSELt (``with_sparse_cores``)."""
     return f"{label}{' fp8' if fp8 else ''}{' cuSPARSELt' if hasattr(layer, 'sparse_compressed') else ''}"
+
+
+def plans_from_warm_up(layer: torch.nn.Module, n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether the load-time warm-up built the cuSPARSELt plans for every size of ``SPARSE_CORES_GRAPH_MS``
+    (checked before the layer's first call: vLLM captures these sizes, and no plan is built in a capture)."""
+    ks, device = k - layer.dense_weight.shape[1], layer.dense_weight.device
+    return all(cusparselt.has_plan(n, ks, spense_gemm._sparse_cores_rows(m), k, dtype, device)
+               for m in SPARSE_CORES_GRAPH_MS)
+
+
+def captured_on_sparse_cores(capture) -> bool:
+    """Runs ``capture`` and says whether it recorded a cuSPARSELt call (not a fallback to another path)."""
+    calls, run_plan = [], cusparselt.run_plan
+
+    def counted(*args):
+        calls.append(1)
+        return run_plan(*args)
+    cusparselt.run_plan = counted
+    try:
+        capture()
+    finally:
+        cusparselt.run_plan = run_plan
+    return bool(calls)
 
 
 def compiled_count() -> int:
@@ -113,6 +136,10 @@ def main() -> int:
         for label, (n, k, dense) in LAYERS.items():
             layer, weight = spense_layer(n, k, dense, dtype, fp8, warm_up=True)
             name = layer_name(label, layer, fp8)
+            sparse_cores = hasattr(layer, "sparse_compressed")
+            if sparse_cores:
+                record(dtype, name, "cuSPARSELt plans built by the warm-up (0: yes)", SPARSE_CORES_GRAPH_MS,
+                       0.0 if plans_from_warm_up(layer, n, k, dtype) else float("inf"))
             bias = torch.randn(n, device="cuda", dtype=dtype)
             torch._dynamo.reset()  # one compiled function per layer; M becomes a dynamic size as in vLLM
             compiled = torch.compile(lambda x, b: linear_kernel.apply(layer, x, b), fullgraph=True)
@@ -125,9 +152,17 @@ def main() -> int:
                 static_x = torch.randn(m, k, device="cuda", dtype=dtype)
                 linear_kernel.apply(layer, static_x, bias)  # warm up (compiles the kernel) outside the capture
                 torch.cuda.synchronize()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    static_y = linear_kernel.apply(layer, static_x, bias)
+                graph, static_y = torch.cuda.CUDAGraph(), None
+
+                def capture():
+                    nonlocal static_y
+                    with torch.cuda.graph(graph):
+                        static_y = linear_kernel.apply(layer, static_x, bias)
+                if sparse_cores and m in SPARSE_CORES_GRAPH_MS:
+                    record(dtype, name, "CUDA graph captured on cuSPARSELt (0: yes)", m,
+                           0.0 if captured_on_sparse_cores(capture) else float("inf"))
+                else:
+                    capture()
                 for _ in range(3):
                     static_x.copy_(torch.randn(m, k, device="cuda", dtype=dtype))
                     static_y.fill_(float("nan"))

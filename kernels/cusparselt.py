@@ -1,5 +1,5 @@
-"""The 2:4 region on Hopper's and Ampere's sparse tensor cores at prefill: cuSPARSELt through ctypes, with
-plans kept across calls.
+"""The 2:4 region on Hopper's and Ampere's sparse tensor cores at prefill and batched decode (from
+``spense_gemm.SPARSE_CORES_MIN_M`` rows): cuSPARSELt through ctypes, with plans kept across calls.
 
 Triton's MMAs are dense, so at prefill (compute-bound) the fused kernels cannot beat cuBLAS on the whole
 weight; only sparse MMAs can do the 2:4 region's work in less time (on the H200, through cuSPARSELt, 1.0-1.15x
@@ -123,9 +123,9 @@ def compress(sparse_weight: torch.Tensor, sparse_meta: torch.Tensor, row_stride:
 
     Before it is returned, the operand multiplies ``CHECK_ROWS`` random rows, ``row_stride`` apart as the
     permuted x's 2:4 columns will be (K), through ``add_sparse_product`` against the region in fp32 (which
-    also builds the shape's first plan and picks its algorithm, ``_alg_id``). None, with
-    a warning, where cuSPARSELt refuses the shape, a group cannot be matched (NaN values) or that product is
-    off: the caller then keeps the expansion path."""
+    also builds the shape's first plan and picks its algorithm for that plan's rows, ``_alg_id``). None,
+    with a warning, where cuSPARSELt refuses the shape, a group cannot be matched (NaN values) or that
+    product is off: the caller then keeps the paths of weights without sparse tensor cores."""
     n, ks = sparse_weight.shape[0], 2 * sparse_weight.shape[1]
     try:
         region = torch.cat([sparse_region(sparse_weight[r:r + rows_per_step], sparse_meta[r:r + rows_per_step])
@@ -319,7 +319,8 @@ def _plan(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> Plan:
                 _workspaces[device] = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
         except Exception as error:  # noqa: BLE001 - while serving, a refusal must not stop the server
             _refused[key] = f"cuSPARSELt: no plan for {list(key[:4])} {dtype}: {error}"
-            logger.warning("Spense: %s; that size takes the expansion path", _refused[key])
+            logger.warning("Spense: %s; that size takes the MMA kernel (up to 256 rows) or the expansion path",
+                           _refused[key])
             raise CusparseLtError(_refused[key]) from error
         _plans[key] = plan
     return plan

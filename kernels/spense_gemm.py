@@ -812,11 +812,12 @@ class SpenseGemmWeight:
                    dense_weight.shape[0], channel_perm.numel(), weight_scale, sparse_compressed)
 
     def with_sparse_cores(self) -> "SpenseGemmWeight":
-        """This weight with its 2:4 region also in cuSPARSELt's compressed form, for the prefill path on the
-        GPU's sparse tensor cores (``_prefill_on_sparse_cores``). ``sparse_weight`` becomes a view into that
-        buffer, so the only memory added is cuSPARSELt's copy of the positions (``cusparselt.compress``).
-        Unchanged where cuSPARSELt cannot take the weight: no sparse tensor cores, FP8 or fp32 values, a
-        shape it refuses, or a compressed operand that fails ``cusparselt.compress``'s check."""
+        """This weight with its 2:4 region also in cuSPARSELt's compressed form, for the path on the GPU's
+        sparse tensor cores (``_prefill_on_sparse_cores``, from ``SPARSE_CORES_MIN_M`` rows). ``sparse_weight``
+        becomes a view into that buffer, so the only memory added is cuSPARSELt's copy of the positions
+        (``cusparselt.compress``). Unchanged where cuSPARSELt cannot take the weight: no sparse tensor cores,
+        FP8 or fp32 values, a shape it refuses, or a compressed operand that fails ``cusparselt.compress``'s
+        check."""
         kd, ks = self.kd, self.k - self.kd
         if (self.sparse_compressed is not None or ks == 0 or self.n % 16 or ks % 64 or kd % 8
                 or not cusparselt.available(self.sparse_weight.device, self.sparse_weight.dtype)):
@@ -848,9 +849,10 @@ class KernelConfig:
 # by ``gemv_tiles``. This one (4 rows x (512 dense columns, 256 2:4 groups) a step) is the one for weights with
 # many rows.
 DECODE_GEMV = KernelConfig(1, 4, 512, 256, 1, 4, 3, "gemv", gather_x=True)
-# Batched decode: the fused MMA kernel up to MMA_MAX_M rows, tiles by ``mma_tiles`` (``fp8_mma_tiles`` for
-# FP8 values). Beyond, W expanded + cuBLAS won at 512 rows on the 32B/TP4 shards and at 1024 on every shape;
-# the 8B shapes still lost 5-40% to the MMA kernel at 512: sweep_mid_m2_h200.json, sweep_mid_m_tp4_h200.json.
+# Batched decode: the fused MMA kernel up to MMA_MAX_M rows (up to SPARSE_CORES_MIN_M - 1 for weights
+# with_sparse_cores), tiles by ``mma_tiles`` (``fp8_mma_tiles`` for FP8 values). Beyond, W expanded +
+# cuBLAS won at 512 rows on the 32B/TP4 shards and at 1024 on every shape; the 8B shapes still lost 5-40% to
+# the MMA kernel at 512: sweep_mid_m2_h200.json, sweep_mid_m_tp4_h200.json.
 MMA_MAX_M = 256
 BATCHED_DECODE_MMA = KernelConfig(16, 32, 256, 128, 1, 4, 3)
 # Prefill: all of W expanded in x's channel order in block_n x block_g-group tiles, then one cuBLAS GEMM.
@@ -858,8 +860,9 @@ UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
 # FP8 prefill: x quantized per row, all of W expanded to FP8 bytes, torch._scaled_mm (cuBLASLt FP8), which
 # needs N and K in multiples of 16; other shapes dequantize W and use cuBLAS in x's dtype (UNPACK_AND_CUBLAS).
 FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
-# Prefill on the sparse tensor cores, for weights ``with_sparse_cores``: x permuted once, the dense region by
-# cuBLAS, the 2:4 region by cuSPARSELt added onto it (``_prefill_on_sparse_cores``).
+# Prefill and batched decode (from SPARSE_CORES_MIN_M rows) on the sparse tensor cores, for weights
+# ``with_sparse_cores``: x permuted once, the dense region by cuBLAS, the 2:4 region by cuSPARSELt added onto
+# it (``_prefill_on_sparse_cores``).
 SPARSE_CORES_PREFILL = KernelConfig(0, 0, 0, 0, 1, 4, 1, "sparse_cores")
 # From this many rows, weights with_sparse_cores take that path instead of the MMA kernel: with each plan's
 # algorithm searched at its own row count (cusparselt.SEARCH_OWN_ROWS_MAX) it took 0.68-0.98x the MMA
@@ -869,7 +872,7 @@ SPARSE_CORES_MIN_M = 65
 # cuSPARSELt plans are per row count: rows are padded to a multiple of this, so a server builds at most
 # max_num_batched_tokens / 128 plans per weight shape (a few ms of host time each, once).
 SPARSE_CORES_ROW_STEP = 128
-# vLLM's largest CUDA-graph batch by default: prefill sizes up to it get their cuSPARSELt plans at warm-up.
+# vLLM's largest CUDA-graph batch by default: the sizes up to it get their cuSPARSELt plans at warm-up.
 CAPTURED_PREFILL_MAX_M = 512
 # The permutation of x before cuSPARSELt: 8 warps a row (1024 quads a program) ran 2-17% faster than 4 on the
 # 8B o and down inputs at 2048 and 4096 rows on an H200, near a plain copy of x's bytes
@@ -1141,7 +1144,10 @@ def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: to
     times the 2:4 region on the sparse tensor cores, added in place by cuSPARSELt
     (``cusparselt.add_sparse_product``). The padding rows are left unset and their outputs dropped. Views
     by ``narrow``, not indexing, and cuBLAS allocating y: this path runs once per layer of a host-bound
-    prefill, where each ``[:, :kd]`` costs a few us more (docs/PERFORMANCE.md)."""
+    prefill, where each ``[:, :kd]`` costs a few us more (docs/PERFORMANCE.md). The dense region's product
+    is rounded to x's dtype before the 2:4 product is added: 1.87e-3 relative error against fp64 for a bf16
+    8B qkv at 100 rows, where the MMA kernel, one fp32 sum for both regions, gave 1.66e-3
+    (check_plugin_h200_v12/v13.txt)."""
     m, kd = x.shape[0], weight.kd
     x_perm = permute_columns(x, weight.channel_perm, rows, num_warps=PREFILL_PERMUTE_WARPS)
     x_dense = x_perm.narrow(1, 0, kd)
@@ -1150,8 +1156,8 @@ def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: to
              else bias.to(x.dtype).expand(rows, -1).contiguous())
     elif bias is None:
         y = torch.mm(x_dense, weight.dense_weight.t())
-    else:
-        y = torch.addmm(bias, x_dense, weight.dense_weight.t())
+    else:  # addmm takes the bias only in x's dtype (the MMA kernel, which served 65-256 rows before, any)
+        y = torch.addmm(bias if bias.dtype == x.dtype else bias.to(x.dtype), x_dense, weight.dense_weight.t())
     cusparselt.add_sparse_product(weight.sparse_compressed, x_perm.narrow(1, kd, weight.k - kd), y)
     return y if rows == m else y.narrow(0, 0, m)
 
@@ -1175,16 +1181,14 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         plan = (weight.n, weight.k - weight.kd, rows, weight.k, x.dtype, x.device)
         # No plan may be built inside a CUDA-graph capture; a size cuSPARSELt refused takes the path of weights
         # without sparse cores (the MMA kernel or the expansion).
-        without = choose_config(m, weight.n, weight.k, x.device, weight.is_fp8)
-        if cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
-                                         and not cusparselt.has_plan(*plan)):
-            config = without
-        else:
+        if not (cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
+                                              and not cusparselt.has_plan(*plan))):
             try:
                 y = _prefill_on_sparse_cores(x.contiguous(), weight, bias, rows)
                 return y if out is None else out.copy_(y)
             except cusparselt.CusparseLtError:  # refused at this size (logged once, remembered)
-                config = without
+                pass
+        config = choose_config(m, weight.n, weight.k, x.device, weight.is_fp8)
     if config.kernel == "unpack" and m > 0:  # prefill: cuBLAS allocates its own output; copy only into ``out``
         y = _prefill(x.contiguous(), weight, bias, config)
         return y if out is None else out.copy_(y)

@@ -16,8 +16,9 @@ import torch
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import GROUP_SIZE, pack, sparse_indices
 from vllm_spense.kernels import cusparselt
-from vllm_spense.kernels.spense_gemm import (MMA_MAX_M, SPARSE_CORES_MIN_M, SPARSE_CORES_PREFILL, UNPACK_AND_CUBLAS,
-                                             SpenseGemmWeight, choose_config, spense_gemm)
+from vllm_spense.kernels.spense_gemm import (CAPTURED_PREFILL_MAX_M, MMA_MAX_M, SPARSE_CORES_MIN_M,
+                                             SPARSE_CORES_PREFILL, SPARSE_CORES_ROW_STEP, UNPACK_AND_CUBLAS,
+                                             SpenseGemmWeight, choose_config, spense_gemm, warm_up)
 
 PAIRS = list(itertools.combinations(range(GROUP_SIZE), 2))
 
@@ -188,3 +189,29 @@ def test_operand_checks_name_what_is_wrong():
         cusparselt.check_operands(compressed[:100], torch.empty(5, ks, dtype=torch.bfloat16), y)
     with pytest.raises(ValueError, match=r"contiguous \[5, N\]"):
         cusparselt.check_operands(compressed, torch.empty(5, ks, dtype=torch.bfloat16), y[:4])
+
+
+def test_plans_of_up_to_512_rows_get_their_own_algorithm_search():
+    """Longer plans share the search on SEARCH_ROWS rows, built while serving; shorter ones (the sizes vLLM
+    captures, built at load) are timed on their own rows, where the 4096-row choice was up to 1.5x slower."""
+    searched = [cusparselt._search_rows(rows) for rows in (128, 384, cusparselt.SEARCH_OWN_ROWS_MAX, 640, 8192)]
+    assert searched == [128, 384, cusparselt.SEARCH_OWN_ROWS_MAX, cusparselt.SEARCH_ROWS, cusparselt.SEARCH_ROWS]
+
+
+def test_warm_up_runs_cusparselt_at_every_captured_row_step_and_checks_against_fp64(monkeypatch):
+    """The load-time warm-up takes the cuSPARSELt path at each 128-row step from SPARSE_CORES_MIN_M to one
+    past vLLM's largest captured batch, so their plans exist before any CUDA-graph capture."""
+    weight, gemm, _ = packed_case(40, 256, 8)
+    gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
+    fake, rows = fake_sparse_product(region_from_weight(gemm, weight)), []
+
+    def recording(compressed, x_sparse, y):
+        rows.append(x_sparse.shape[0])
+        fake(compressed, x_sparse, y)
+    monkeypatch.setattr(cusparselt, "add_sparse_product", recording)
+    warm_up(gemm, torch.float32, torch.randn(40))
+    step = SPARSE_CORES_ROW_STEP
+    assert sorted(set(rows)) == list(range(step, CAPTURED_PREFILL_MAX_M + step + 1, step))
+    x = torch.randn(SPARSE_CORES_MIN_M, 256)  # and the first size on the path is right
+    reference = x.double() @ weight.double().t()
+    assert ((spense_gemm(x, gemm).double() - reference).norm() / reference.norm()).item() < 1e-5

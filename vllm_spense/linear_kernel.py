@@ -19,7 +19,8 @@ from vllm_spense.format import (GROUP_SIZE, LAYER_TENSORS, WEIGHT_SCALE, PackedS
 from vllm_spense.kernels.reference import group_channels
 from vllm_spense.ops import spense_linear
 
-# Set to 0 to keep prefill off cuSPARSELt (W expanded + one cuBLAS GEMM instead; docs/KERNELS.md).
+# Set to 0 to keep prefill and decode batches from 65 rows off cuSPARSELt (the MMA kernel up to 256 rows, W
+# expanded + one cuBLAS GEMM beyond; docs/KERNELS.md).
 SPARSE_CORES_ENV = "SPENSE_SPARSE_CORES"
 
 
@@ -44,9 +45,9 @@ def process_weights_after_loading(layer: torch.nn.Module, parts: list[tuple[str,
     merged qkv), so an error names the checkpoint tensor; ``value_dtype`` is the dtype an FP8 checkpoint
     fixes. Parameters are re-registered as plain ``Parameter``s so torch.compile sees ordinary tensors.
     With ``activation_dtype`` (the model's dtype) and the tensors on a GPU, the 2:4 region also goes into
-    cuSPARSELt's form for prefill where the GPU has sparse tensor cores (``with_sparse_cores``; off with
-    ``SPENSE_SPARSE_CORES=0``), and every kernel variant the layer can take is compiled here
-    (``spense_gemm.warm_up``), not while serving.
+    cuSPARSELt's form for batches of 65 rows or more where the GPU has sparse tensor cores
+    (``with_sparse_cores``; off with ``SPENSE_SPARSE_CORES=0``), and every kernel variant the layer can take
+    is compiled here (``spense_gemm.warm_up``), not while serving.
     """
     packed = packed_weight(layer)
     if value_dtype is not None and packed.dense_weight.is_cuda and torch.cuda.get_device_capability(
