@@ -868,6 +868,8 @@ SPARSE_CORES_PREFILL = KernelConfig(0, 0, 0, 0, 1, 4, 1, "sparse_cores")
 # algorithm searched at its own row count (cusparselt.SEARCH_OWN_ROWS_MAX) it took 0.68-0.98x the MMA
 # kernel's time on six of the eight bench_gemm shapes at 96-128 rows (8B down 1.05x, 32B/TP4 o 1.03x) and
 # 0.57-0.92x on all eight at 192-256; at 64 rows it lost on six (H200, crossover_sparse_cores_h200.json).
+# 65 is where mma_tiles moves to 128-row tiles: the 8B shapes summed 0.94x at 72-88 rows, 1.21x at 64
+# (crossover_sparse_cores_65_95_h200.json).
 SPARSE_CORES_MIN_M = 65
 # cuSPARSELt plans are per row count: rows are padded to a multiple of this, so a server builds at most
 # max_num_batched_tokens / 128 plans per weight shape (a few ms of host time each, once).
