@@ -237,7 +237,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", help="default: all of SHAPES; the 8B ones with --crossover")
     parser.add_argument("--ms", nargs="*", type=int, help="default: MS; CROSSOVER_MS with --crossover")
     parser.add_argument("--sweep", help="also time decode tile configs; write them to this JSON file")
-    parser.add_argument("--crossover", help="only time MMA vs unpack + cuBLAS for mid-size M; write this JSON file")
+    parser.add_argument("--crossover", help="only time the paths against each other by M (crossover); write this JSON")
     parser.add_argument("--sweep-ms", nargs="*", type=int, default=[1], help="the M values --sweep times")
     parser.add_argument("--sweep-kernels", nargs="*", choices=SWEEP_KERNELS, default=list(DEFAULT_SWEEP_KERNELS),
                         help="the kernels --sweep times at M > 1 (decode_configs)")
