@@ -160,7 +160,7 @@ def host_parts(w, x: torch.Tensor) -> dict:
         op_host_us=host_us(op),
         spense_gemm_host_us=host_us(lambda: spense_gemm(x, w)),
         prefill_on_sparse_cores_host_us=host_us(
-            lambda: gemm._prefill_on_sparse_cores(x, w, None, gemm._sparse_cores_rows(m))),
+            lambda: gemm._on_sparse_cores(x, w, None, gemm._sparse_cores_rows(m))),
         from_channel_perm_host_us=host_us(lambda: gemm.SpenseGemmWeight.from_channel_perm(
             w.dense_weight, w.sparse_weight, w.sparse_meta, w.channel_perm, None, w.sparse_compressed)),
         check_inputs_host_us=host_us(lambda: gemm.check_inputs(x, w, None)),

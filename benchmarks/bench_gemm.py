@@ -197,7 +197,7 @@ CROSSOVER_MS = [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256]
 def crossover(path: str, shapes: list[str], ms: list[int]) -> None:
     """The default path against the path of weights without sparse tensor cores (``without_sparse_cores_us``:
     the MMA kernel up to ``MMA_MAX_M`` rows, with ``mma_tiles``), the fused MMA kernel with 16- and 32-row
-    tiles, the cuBLAS + 2:4 expansion path and cuBLAS + cuSPARSELt (``SPARSE_CORES_PREFILL``, where the
+    tiles, the cuBLAS + 2:4 expansion path and cuBLAS + cuSPARSELt (``CUBLAS_AND_CUSPARSELT``, where the
     weight has it), at each M of ``ms``, rho = 0.25: where ``MMA_MAX_M`` and ``SPARSE_CORES_MIN_M`` should
     sit. Also the MMA kernel without the row padding of x (``KernelConfig.pad_rows``), at M = 8 and 24."""
     from vllm_spense.kernels import spense_gemm as module
@@ -217,8 +217,8 @@ def crossover(path: str, shapes: list[str], ms: list[int]) -> None:
                 for label, config in mma.items():
                     row[f"{label}_us"] = timed(lambda w, x: spense_gemm(x, w, config=config), ws, xs) * 1e3
                 if ws[0].sparse_compressed is not None:
-                    row["sparse_cores_us"] = timed(lambda w, x: spense_gemm(x, w, config=module.SPARSE_CORES_PREFILL),
-                                                   ws, xs) * 1e3
+                    row["sparse_cores_us"] = timed(
+                        lambda w, x: spense_gemm(x, w, config=module.CUBLAS_AND_CUSPARSELT), ws, xs) * 1e3
             if m in (8, 24):
                 unpadded = dataclasses.replace(module.BATCHED_DECODE_MMA, pad_rows=False)
                 row["default unpadded_us"] = timed(lambda w, x: spense_gemm(x, w, config=unpadded), ws, xs) * 1e3

@@ -29,7 +29,7 @@ tile are neighbours in the grid, so they share its weights through L2. With ``SP
 both walks and add partial sums into an fp32 buffer with atomics. Past 48 rows (32 for very wide weights)
 the operands are swapped (``SWAP_AB``: ``y^T = W x^T``), so one expanded weight tile serves up to 256 rows.
 
-M >= ``SPARSE_CORES_MIN_M`` for bf16 weights on GPUs with sparse tensor cores (``_prefill_on_sparse_cores``):
+M >= ``SPARSE_CORES_MIN_M`` for bf16 weights on GPUs with sparse tensor cores (``_on_sparse_cores``):
 x permuted once, the dense region by cuBLAS, the 2:4 region by cuSPARSELt added onto it.
 
 M > ``MMA_MAX_M`` for other weights (prefill): ``_spense_expand_kernel`` writes all of W as a dense
@@ -813,7 +813,7 @@ class SpenseGemmWeight:
 
     def with_sparse_cores(self) -> "SpenseGemmWeight":
         """This weight with its 2:4 region also in cuSPARSELt's compressed form, for the path on the GPU's
-        sparse tensor cores (``_prefill_on_sparse_cores``, from ``SPARSE_CORES_MIN_M`` rows). ``sparse_weight``
+        sparse tensor cores (``_on_sparse_cores``, from ``SPARSE_CORES_MIN_M`` rows). ``sparse_weight``
         becomes a view into that buffer, so the only memory added is cuSPARSELt's copy of the positions
         (``cusparselt.compress``). Unchanged where cuSPARSELt cannot take the weight: no sparse tensor cores,
         FP8 or fp32 values, a shape it refuses, or a compressed operand that fails ``cusparselt.compress``'s
@@ -862,8 +862,8 @@ UNPACK_AND_CUBLAS = KernelConfig(0, 32, 0, 64, 1, 4, 1, "unpack")
 FP8_PREFILL = dataclasses.replace(UNPACK_AND_CUBLAS, quantize_x=True)
 # Prefill and batched decode (from SPARSE_CORES_MIN_M rows) on the sparse tensor cores, for weights
 # ``with_sparse_cores``: x permuted once, the dense region by cuBLAS, the 2:4 region by cuSPARSELt added onto
-# it (``_prefill_on_sparse_cores``).
-SPARSE_CORES_PREFILL = KernelConfig(0, 0, 0, 0, 1, 4, 1, "sparse_cores")
+# it (``_on_sparse_cores``).
+CUBLAS_AND_CUSPARSELT = KernelConfig(0, 0, 0, 0, 1, 4, 1, "sparse_cores")
 # From this many rows, weights with_sparse_cores take that path instead of the MMA kernel: with each plan's
 # algorithm searched at its own row count (cusparselt.SEARCH_OWN_ROWS_MAX) it took 0.68-0.98x the MMA
 # kernel's time on six of the eight bench_gemm shapes at 96-128 rows (8B down 1.05x, 32B/TP4 o 1.03x) and
@@ -875,7 +875,7 @@ SPARSE_CORES_MIN_M = 65
 # max_num_batched_tokens / 128 plans per weight shape (a few ms of host time each, once).
 SPARSE_CORES_ROW_STEP = 128
 # vLLM's largest CUDA-graph batch by default: the sizes up to it get their cuSPARSELt plans at warm-up.
-CAPTURED_PREFILL_MAX_M = 512
+CAPTURED_MAX_M = 512
 # The permutation of x before cuSPARSELt: 8 warps a row (1024 quads a program) ran 2-17% faster than 4 on the
 # 8B o and down inputs at 2048 and 4096 rows on an H200, near a plain copy of x's bytes
 # (bench_cusparselt.py --permute, bench_cusparselt_permute_h200.json).
@@ -987,7 +987,7 @@ def choose_config(m: int, n: int, k: int, device: torch.device, fp8: bool = Fals
     values) and W expanded + one cuBLAS GEMM beyond. FP8 weights are multiplied in x's dtype (W8A16) at
     decode and as FP8 (W8A8) at prefill where cuBLASLt takes the shape."""
     if sparse_cores and m >= SPARSE_CORES_MIN_M:
-        return SPARSE_CORES_PREFILL
+        return CUBLAS_AND_CUSPARSELT
     if m == 1:
         return gemv_tiles(n, k, multiprocessors(device), fp8)
     if m == 2 and not fp8 and n * k <= GEMV_TWO_ROWS_MAX_WEIGHT:
@@ -1139,7 +1139,7 @@ def _sparse_cores_rows(m: int) -> int:
     return _cdiv(m, SPARSE_CORES_ROW_STEP) * SPARSE_CORES_ROW_STEP
 
 
-def _prefill_on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None,
+def _on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None,
                              rows: int) -> torch.Tensor:
     """x permuted once into a buffer of ``rows`` (``_sparse_cores_rows``: whole ``SPARSE_CORES_ROW_STEP``-row
     steps), its dense columns times the dense region by cuBLAS (bias in its epilogue), then its 2:4 columns
@@ -1186,7 +1186,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         if not (cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
                                               and not cusparselt.has_plan(*plan))):
             try:
-                y = _prefill_on_sparse_cores(x.contiguous(), weight, bias, rows)
+                y = _on_sparse_cores(x.contiguous(), weight, bias, rows)
                 return y if out is None else out.copy_(y)
             except cusparselt.CusparseLtError:  # refused at this size (logged once, remembered)
                 pass
@@ -1269,5 +1269,5 @@ def warm_up(weight: SpenseGemmWeight, dtype: torch.dtype, bias: torch.Tensor | N
         # cuSPARSELt plans, each with its algorithm search, for the sizes vLLM captures (<= 512), and one past
         # them, whose search at cusparselt.SEARCH_ROWS all longer prefills share
         first = _sparse_cores_rows(SPARSE_CORES_MIN_M)
-        for m in range(first, CAPTURED_PREFILL_MAX_M + SPARSE_CORES_ROW_STEP + 1, SPARSE_CORES_ROW_STEP):
+        for m in range(first, CAPTURED_MAX_M + SPARSE_CORES_ROW_STEP + 1, SPARSE_CORES_ROW_STEP):
             spense_gemm(torch.zeros(m, weight.k, device=device, dtype=dtype), weight, bias)

@@ -16,9 +16,9 @@ import torch
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import GROUP_SIZE, pack, sparse_indices
 from vllm_spense.kernels import cusparselt
-from vllm_spense.kernels.spense_gemm import (CAPTURED_PREFILL_MAX_M, MMA_MAX_M, SPARSE_CORES_MIN_M,
-                                             SPARSE_CORES_PREFILL, SPARSE_CORES_ROW_STEP, UNPACK_AND_CUBLAS,
-                                             SpenseGemmWeight, choose_config, spense_gemm, warm_up)
+from vllm_spense.kernels.spense_gemm import (CAPTURED_MAX_M, CUBLAS_AND_CUSPARSELT, MMA_MAX_M, SPARSE_CORES_MIN_M,
+                                             SPARSE_CORES_ROW_STEP, UNPACK_AND_CUBLAS, SpenseGemmWeight,
+                                             choose_config, spense_gemm, warm_up)
 
 PAIRS = list(itertools.combinations(range(GROUP_SIZE), 2))
 
@@ -165,7 +165,7 @@ def test_cusparselt_takes_batches_from_its_min_rows_and_other_weights_keep_the_m
     for m in (1, 2, 16, SPARSE_CORES_MIN_M - 1):
         assert choose_config(m, 6144, 4096, cpu, sparse_cores=True).kernel != "sparse_cores"
     for m in (SPARSE_CORES_MIN_M, MMA_MAX_M, MMA_MAX_M + 1, 2048):
-        assert choose_config(m, 6144, 4096, cpu, sparse_cores=True) == SPARSE_CORES_PREFILL
+        assert choose_config(m, 6144, 4096, cpu, sparse_cores=True) == CUBLAS_AND_CUSPARSELT
     assert choose_config(MMA_MAX_M, 6144, 4096, cpu).kernel == "mma"
     assert choose_config(MMA_MAX_M + 1, 6144, 4096, cpu) == UNPACK_AND_CUBLAS
 
@@ -173,7 +173,7 @@ def test_cusparselt_takes_batches_from_its_min_rows_and_other_weights_keep_the_m
 def test_sparse_cores_config_needs_a_compressed_weight():
     _, gemm, _ = packed_case(48, 256, 8)
     with pytest.raises(ValueError, match="with_sparse_cores"):
-        spense_gemm(torch.randn(300, 256), gemm, config=SPARSE_CORES_PREFILL)
+        spense_gemm(torch.randn(300, 256), gemm, config=CUBLAS_AND_CUSPARSELT)
 
 
 def test_operand_checks_name_what_is_wrong():
@@ -211,7 +211,7 @@ def test_warm_up_runs_cusparselt_at_every_captured_row_step_and_checks_against_f
     monkeypatch.setattr(cusparselt, "add_sparse_product", recording)
     warm_up(gemm, torch.float32, torch.randn(40))
     step = SPARSE_CORES_ROW_STEP
-    assert sorted(set(rows)) == list(range(step, CAPTURED_PREFILL_MAX_M + step + 1, step))
+    assert sorted(set(rows)) == list(range(step, CAPTURED_MAX_M + step + 1, step))
     x = torch.randn(SPARSE_CORES_MIN_M, 256)  # and the first size on the path is right
     reference = x.double() @ weight.double().t()
     assert ((spense_gemm(x, gemm).double() - reference).norm() / reference.norm()).item() < 1e-5
