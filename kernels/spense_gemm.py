@@ -779,12 +779,17 @@ class SpenseGemmWeight:
         return self.dense_weight.shape[1]
 
     @property
+    def ks(self) -> int:
+        """The 2:4 region's width in input channels (four per 2:4 group), the rest of ``channel_perm``."""
+        return self.k - self.kd
+
+    @property
     def dense_channels(self) -> torch.Tensor:
         return self.channel_perm.narrow(0, 0, self.kd)
 
     @property
     def sparse_channels(self) -> torch.Tensor:
-        return self.channel_perm.narrow(0, self.kd, self.k - self.kd)
+        return self.channel_perm.narrow(0, self.kd, self.ks)
 
     @property
     def is_fp8(self) -> bool:
@@ -818,7 +823,7 @@ class SpenseGemmWeight:
         (``cusparselt.compress``). Unchanged where cuSPARSELt cannot take the weight: no sparse tensor cores,
         FP8 or fp32 values, a shape it refuses, or a compressed operand that fails ``cusparselt.compress``'s
         check."""
-        kd, ks = self.kd, self.k - self.kd
+        kd, ks = self.kd, self.ks
         if (self.sparse_compressed is not None or ks == 0 or self.n % 16 or ks % 64 or kd % 8
                 or not cusparselt.available(self.sparse_weight.device, self.sparse_weight.dtype)):
             return self
@@ -1004,7 +1009,7 @@ def check_inputs(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor |
         raise ValueError(f"spense_gemm: x must be [M, {weight.k}], found {list(x.shape)}")
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"spense_gemm: x dtype must be float16, bfloat16 or float32, found {x.dtype}")
-    kd, gs, device = weight.kd, (weight.k - weight.kd) // GROUP_SIZE, x.get_device()
+    kd, gs, device = weight.kd, weight.ks // GROUP_SIZE, x.get_device()
     values = torch.float8_e4m3fn if weight.is_fp8 else x.dtype
     expected = {"dense_weight": ((weight.n, kd), values), "sparse_weight": ((weight.n, 2 * gs), values),
                 "sparse_meta": ((weight.n, gs // 2), torch.uint8)}
@@ -1066,7 +1071,7 @@ def expand_weight(weight: SpenseGemmWeight, dtype: torch.dtype, block_n: int = 3
     """All of W as a dense ``[N, K]`` temporary in x's own channel order (``_spense_expand_kernel``), never kept:
     16/32-bit values as stored (``dtype`` is theirs); FP8 values as FP8 (``dtype`` float8_e4m3fn, for
     ``torch._scaled_mm``) or dequantized to ``dtype``."""
-    kd, gs = weight.kd, (weight.k - weight.kd) // GROUP_SIZE
+    kd, gs = weight.kd, weight.ks // GROUP_SIZE
     out = torch.empty(weight.n, weight.k, device=weight.sparse_weight.device, dtype=dtype)
     dense = weight.dense_weight.view(torch.int8) if weight.is_fp8 else weight.dense_weight
     target = out.view(torch.int8) if dtype == torch.float8_e4m3fn else out
@@ -1139,8 +1144,7 @@ def _sparse_cores_rows(m: int) -> int:
     return _cdiv(m, SPARSE_CORES_ROW_STEP) * SPARSE_CORES_ROW_STEP
 
 
-def _on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None,
-                             rows: int) -> torch.Tensor:
+def _on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
     """x permuted once into a buffer of ``rows`` (``_sparse_cores_rows``: whole ``SPARSE_CORES_ROW_STEP``-row
     steps), its dense columns times the dense region by cuBLAS (bias in its epilogue), then its 2:4 columns
     times the 2:4 region on the sparse tensor cores, added in place by cuSPARSELt
@@ -1160,7 +1164,7 @@ def _on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tens
         y = torch.mm(x_dense, weight.dense_weight.t())
     else:  # addmm takes the bias only in x's dtype (the MMA kernel, which served 65-256 rows before, any)
         y = torch.addmm(bias if bias.dtype == x.dtype else bias.to(x.dtype), x_dense, weight.dense_weight.t())
-    cusparselt.add_sparse_product(weight.sparse_compressed, x_perm.narrow(1, kd, weight.k - kd), y)
+    cusparselt.add_sparse_product(weight.sparse_compressed, x_perm.narrow(1, kd, weight.ks), y)
     return y if rows == m else y.narrow(0, 0, m)
 
 
@@ -1180,7 +1184,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         raise ValueError("spense_gemm: the sparse_cores path needs a weight with_sparse_cores()")
     if config.kernel == "sparse_cores" and m > 0:
         rows = _sparse_cores_rows(m)
-        plan = (weight.n, weight.k - weight.kd, rows, weight.k, x.dtype, x.device)
+        plan = (weight.n, weight.ks, rows, weight.k, x.dtype, x.device)
         # No plan may be built inside a CUDA-graph capture; a size cuSPARSELt refused takes the path of weights
         # without sparse cores (the MMA kernel or the expansion).
         if not (cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -1212,7 +1216,7 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         x_perm = permute_columns(x, weight.channel_perm, rows, launch_dependents=early)
     # Split-K programs add partial sums: they need a zeroed fp32 buffer.
     acc = torch.zeros(m, weight.n, device=x.device, dtype=torch.float32) if config.split_k > 1 else result
-    n, kd, gs = weight.n, weight.kd, (weight.k - weight.kd) // GROUP_SIZE
+    n, kd, gs = weight.n, weight.kd, weight.ks // GROUP_SIZE
     values, bias_arg = quad_words(weight.sparse_weight), bias if bias is not None else x
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_KD=config.block_kd, BLOCK_G=config.block_g,
                  num_warps=config.num_warps, num_stages=config.num_stages, AFTER_PREVIOUS=early, launch_pdl=early)
