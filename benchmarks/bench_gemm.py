@@ -198,11 +198,13 @@ def crossover(path: str, shapes: list[str], ms: list[int]) -> None:
     """The default path against the path of weights without sparse tensor cores (``without_sparse_cores_us``:
     the MMA kernel up to ``MMA_MAX_M`` rows, with ``mma_tiles``), the fused MMA kernel with 16- and 32-row
     tiles, the cuBLAS + 2:4 expansion path and cuBLAS + cuSPARSELt (``CUBLAS_AND_CUSPARSELT``, where the
-    weight has it), at each M of ``ms``, rho = 0.25: where ``MMA_MAX_M`` and ``SPARSE_CORES_MIN_M`` should
+    weight has it; up to ``OVERLAP_MAX_ROWS`` rows also with its regions at once on two streams,
+    ``sparse_cores_overlap_us``), at each M of ``ms``, rho = 0.25: where ``MMA_MAX_M`` and ``SPARSE_CORES_MIN_M`` should
     sit. Also the MMA kernel without the row padding of x (``KernelConfig.pad_rows``), at M = 8 and 24."""
     from vllm_spense.kernels import spense_gemm as module
 
     mma = {f"mma {block_m}": dataclasses.replace(module.BATCHED_DECODE_MMA, block_m=block_m) for block_m in (16, 32)}
+    overlapped = dataclasses.replace(module.CUBLAS_AND_CUSPARSELT, overlap_regions=True)
     results = []
     for name in shapes:
         k, ws, dense_ws = rotating_weights(name, 0.25)
@@ -219,6 +221,9 @@ def crossover(path: str, shapes: list[str], ms: list[int]) -> None:
                 if ws[0].sparse_compressed is not None:
                     row["sparse_cores_us"] = timed(
                         lambda w, x: spense_gemm(x, w, config=module.CUBLAS_AND_CUSPARSELT), ws, xs) * 1e3
+                    if module._sparse_cores_rows(m) <= module.OVERLAP_MAX_ROWS:
+                        row["sparse_cores_overlap_us"] = timed(
+                            lambda w, x: spense_gemm(x, w, config=overlapped), ws, xs) * 1e3
             if m in (8, 24):
                 unpadded = dataclasses.replace(module.BATCHED_DECODE_MMA, pad_rows=False)
                 row["default unpadded_us"] = timed(lambda w, x: spense_gemm(x, w, config=unpadded), ws, xs) * 1e3

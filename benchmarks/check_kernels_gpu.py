@@ -16,7 +16,9 @@ import sys
 import torch
 
 from vllm_spense.format import GROUP_SIZE, fp8_round, fp8_scales, pack
-from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight,
+from vllm_spense.kernels import cusparselt
+from vllm_spense.kernels.spense_gemm import (BATCHED_DECODE_MMA, CUBLAS_AND_CUSPARSELT, OVERLAP_MAX_ROWS,
+                                             UNPACK_AND_CUBLAS, KernelConfig, SpenseGemmWeight, _sparse_cores_rows,
                                              choose_config, spense_gemm)
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
@@ -56,6 +58,31 @@ def random_case(n: int, k: int, dense_per_chunk: int, dtype: torch.dtype, fp8: b
     return weight, SpenseGemmWeight.from_packed(pack(weight, mask, 128, weight_scale=scale))
 
 
+OVERLAPPED_REGIONS = dataclasses.replace(CUBLAS_AND_CUSPARSELT, overlap_regions=True)
+
+
+def check_product_ignores_y() -> int:
+    """``add_sparse_product(..., accumulate=False)`` (beta = 0), which the overlapped path writes into an
+    uninitialised buffer, must not read y: called on a y full of NaN, against fp64. Returns the failures."""
+    weight, gemm = random_case(2048, 1024, 8, torch.bfloat16)
+    gemm = gemm.with_sparse_cores()
+    if gemm.sparse_compressed is None:
+        print("cuSPARSELt beta = 0: not run (this GPU has no cuSPARSELt path)")
+        return 0
+    region = weight.double()[:, gemm.channel_perm.long()][:, gemm.kd:]
+    failures = 0
+    for m in (100, 256):
+        x = torch.randn(_sparse_cores_rows(m), gemm.ks, device="cuda", dtype=torch.bfloat16)
+        y = torch.full((x.shape[0], gemm.n), float("nan"), device="cuda", dtype=torch.bfloat16)
+        cusparselt.add_sparse_product(gemm.sparse_compressed, x, y, accumulate=False)
+        ref = x.double() @ region.t()
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        ok = err < TOLERANCE[torch.bfloat16] and bool(torch.isfinite(y).all())
+        failures += not ok
+        print(f"{'ok' if ok else 'FAIL'} cuSPARSELt beta = 0 onto NaN, {x.shape[0]} rows: rel_err={err:.2e}")
+    return failures
+
+
 def main(quick: bool = False) -> int:
     shapes, ms = (QUICK_SHAPES, QUICK_MS) if quick else (SHAPES, MS)
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -87,6 +114,8 @@ def main(quick: bool = False) -> int:
                 runs = [(path, config, gemm) for path, config in paths.items()]
                 if on_sparse_cores is not gemm:
                     runs.append(("sparse cores weight", None, on_sparse_cores))
+                    if _sparse_cores_rows(m) <= OVERLAP_MAX_ROWS:  # the opt-in two streams, too
+                        runs.append(("sparse cores overlapped", OVERLAPPED_REGIONS, on_sparse_cores))
                 for path, config, weight_used in runs:
                     x = torch.randn(m, k, device="cuda", dtype=dtype)
                     out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
@@ -99,11 +128,13 @@ def main(quick: bool = False) -> int:
                     err = ((out.double() - ref).norm() / ref.norm()).item()
                     key = (f"{str(dtype)[6:]}{' fp8 W8A8' if w8a8 else ' fp8 W8A16' if fp8 else ''} {used.kernel} "
                            f"block_m={used.block_m} split_k>1={used.split_k > 1}{' gather' if used.gather_x else ''}"
-                           f"{' swap-ab' if used.swap_ab else ''}")
+                           f"{' swap-ab' if used.swap_ab else ''}"
+                           f"{' overlapped' if config is OVERLAPPED_REGIONS and weight_used.kd else ''}")
                     worst[key] = max(worst.get(key, 0.0), err)
                     if not (err < (W8A8_TOLERANCE if w8a8 else TOLERANCE[dtype])) or not torch.isfinite(out).all():
                         failures += 1
                         print(f"FAIL {dtype} n={n} k={k} dense={dense} m={m} path={path} rel_err={err:.2e}")
+    failures += check_product_ignores_y()
     print("| dtype / path | worst relative error |")
     print("| --- | ---: |")
     for key, err in sorted(worst.items()):

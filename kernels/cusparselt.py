@@ -222,7 +222,7 @@ _refused: dict[tuple, str] = {}
 _workspaces: dict[torch.device, torch.Tensor] = {}
 _outgrown_workspaces: list[torch.Tensor] = []
 _lock = threading.Lock()
-_ONE = ctypes.c_float(1.0)
+_ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
 # Rows of the problem each weight shape's algorithm is chosen on (``_alg_id``): plans of up to
 # SEARCH_OWN_ROWS_MAX rows (those vLLM's CUDA graphs capture, built at warm-up) get their own search, where
 # the 4096-row choice ran the 8B shapes' 2:4 region 1.14-1.49x slower than the best at 128 rows
@@ -350,25 +350,29 @@ def check_operands(compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Te
             raise ValueError(f"cusparselt: {name} must be a multiple of {_ALIGNMENT} bytes, found {address}")
 
 
-def add_sparse_product(compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Tensor) -> None:
-    """``y += x_sparse @ W_s^T`` in place on the current stream, ``W_s [N, Ks]`` the 2:4 region in its
-    compressed form (``compress``), ``x_sparse [M, Ks]`` its activation columns (a row-strided view), ``y [M, N]``
-    contiguous. One plan per shape (``_plan``)."""
+def add_sparse_product(compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Tensor,
+                       accumulate: bool = True) -> None:
+    """``y += x_sparse @ W_s^T`` in place on the current stream (without ``accumulate``, ``y = ...``: y's
+    contents are not read, beta = 0), ``W_s [N, Ks]`` the 2:4 region in its compressed form (``compress``),
+    ``x_sparse [M, Ks]`` its activation columns (a row-strided view), ``y [M, N]`` contiguous. One plan per
+    shape (``_plan``)."""
     check_operands(compressed, x_sparse, y)
-    run_plan(_plan(compressed, y.shape[1], x_sparse), compressed, x_sparse, y, _workspaces[x_sparse.device])
+    run_plan(_plan(compressed, y.shape[1], x_sparse), compressed, x_sparse, y, _workspaces[x_sparse.device],
+             accumulate)
 
 
 def run_plan(plan: Plan, compressed: torch.Tensor, x_sparse: torch.Tensor, y: torch.Tensor,
-             workspace: torch.Tensor) -> None:
-    """One ``cusparseLtMatmul`` of ``plan`` (D = C = y, alpha = beta = 1) on the current stream; the operands
-    as ``add_sparse_product`` checks them (benchmarks/bench_cusparselt.py times plans of chosen algorithms).
+             workspace: torch.Tensor, accumulate: bool = True) -> None:
+    """One ``cusparseLtMatmul`` of ``plan`` (D = C = y, alpha = 1, beta = 1, or 0 without ``accumulate``) on
+    the current stream; the operands as ``add_sparse_product`` checks them (benchmarks/bench_cusparselt.py
+    times plans of chosen algorithms).
     The stream is read raw, as Triton's launcher reads it, and x's GPU made current only where it is not:
     without ``torch.cuda.current_stream`` and ``torch.cuda.device`` a call's host time fell from 38.8 to
     23.2 us on an H200 machine (docs/PERFORMANCE.md), paid on every Linear of a host-bound prefill."""
     index = x_sparse.get_device()
     args = (plan.handle, plan.plan, ctypes.byref(_ONE), ctypes.c_void_p(compressed.data_ptr()),
-            ctypes.c_void_p(x_sparse.data_ptr()), ctypes.byref(_ONE), ctypes.c_void_p(y.data_ptr()),
-            ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(workspace.data_ptr()),
+            ctypes.c_void_p(x_sparse.data_ptr()), ctypes.byref(_ONE if accumulate else _ZERO),
+            ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(workspace.data_ptr()),
             ctypes.byref(ctypes.c_void_p(torch._C._cuda_getCurrentRawStream(index))), 1)
     if index == torch.cuda.current_device():
         plan.lib.check("cusparseLtMatmul", *args)

@@ -30,7 +30,8 @@ both walks and add partial sums into an fp32 buffer with atomics. Past 48 rows (
 the operands are swapped (``SWAP_AB``: ``y^T = W x^T``), so one expanded weight tile serves up to 256 rows.
 
 M >= ``SPARSE_CORES_MIN_M`` for bf16 weights on GPUs with sparse tensor cores (``_on_sparse_cores``):
-x permuted once, the dense region by cuBLAS, the 2:4 region by cuSPARSELt added onto it.
+x permuted once, the dense region by cuBLAS, the 2:4 region by cuSPARSELt added onto it (opt-in up to
+``OVERLAP_MAX_ROWS`` rows: the two at once on two streams, then summed).
 
 M > ``MMA_MAX_M`` for other weights (prefill): ``_spense_expand_kernel`` writes all of W as a dense
 ``[N, K]`` temporary in x's own channel order (contiguous writes; each group read from its packed place)
@@ -55,6 +56,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import torch
 import triton
@@ -848,6 +850,8 @@ class KernelConfig:
     pad_rows: bool = True  # mma only: pad the permuted x to whole BLOCK_M-row tiles, read without row masks
     quantize_x: bool = False  # FP8 weights, mma/unpack only: x quantized per row to FP8 too (W8A8), not W8A16
     swap_ab: bool = False  # mma only: multiply W @ x^T (W's rows on the MMA's wide side) and store transposed
+    # sparse_cores only: both regions at once on two streams up to OVERLAP_MAX_ROWS rows (None: OVERLAP_REGIONS)
+    overlap_regions: bool | None = None
 
 
 # Decode, one row: the CUDA-core kernel, x read through channel_perm in the kernel (no permuted copy); tiles
@@ -879,6 +883,14 @@ SPARSE_CORES_MIN_M = 65
 # cuSPARSELt plans are per row count: rows are padded to a multiple of this, so a server builds at most
 # max_num_batched_tokens / 128 plans per weight shape (a few ms of host time each, once).
 SPARSE_CORES_ROW_STEP = 128
+# Opt-in (``SPENSE_OVERLAP_REGIONS=1`` in the environment, read at import): up to OVERLAP_MAX_ROWS (padded)
+# rows the sparse_cores path runs the dense region's cuBLAS GEMM on a second stream beside cuSPARSELt's 2:4
+# product and adds the two (``_beside``), since at batched-decode sizes neither GEMM fills the GPU. On an H200
+# that took the 8B shapes' time to 0.88x at 128 rows and 0.93x at 256 (a wash at 384-512) and decode in the
+# harness +4-5% at batch 96-128, but under vLLM the A/B came out confounded by server order, so it stays
+# off by default (docs/KERNELS.md, "Batched decode on the sparse tensor cores").
+OVERLAP_REGIONS = os.environ.get("SPENSE_OVERLAP_REGIONS", "0") == "1"
+OVERLAP_MAX_ROWS = 256
 # vLLM's largest CUDA-graph batch by default: the sizes up to it get their cuSPARSELt plans at warm-up.
 CAPTURED_MAX_M = 512
 # The permutation of x before cuSPARSELt: 8 warps a row (1024 quads a program) ran 2-17% faster than 4 on the
@@ -1144,28 +1156,68 @@ def _sparse_cores_rows(m: int) -> int:
     return _cdiv(m, SPARSE_CORES_ROW_STEP) * SPARSE_CORES_ROW_STEP
 
 
-def _on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None, rows: int) -> torch.Tensor:
+def _on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None, rows: int,
+                     overlap: bool) -> torch.Tensor:
     """x permuted once into a buffer of ``rows`` (``_sparse_cores_rows``: whole ``SPARSE_CORES_ROW_STEP``-row
-    steps), its dense columns times the dense region by cuBLAS (bias in its epilogue), then its 2:4 columns
-    times the 2:4 region on the sparse tensor cores, added in place by cuSPARSELt
-    (``cusparselt.add_sparse_product``). The padding rows are left unset and their outputs dropped. Views
-    by ``narrow``, not indexing, and cuBLAS allocating y: this path runs once per layer of a host-bound
-    prefill, where each ``[:, :kd]`` costs a few us more (docs/PERFORMANCE.md). The dense region's product
-    is rounded to x's dtype before the 2:4 product is added: 1.87e-3 relative error against fp64 for a bf16
-    8B qkv at 100 rows, where the MMA kernel, one fp32 sum for both regions, gave 1.66e-3
-    (check_plugin_h200_v12/v13.txt)."""
+    steps), its dense columns times the dense region by cuBLAS (bias in its epilogue) and its 2:4 columns
+    times the 2:4 region on the sparse tensor cores by cuSPARSELt (``cusparselt.add_sparse_product``),
+    which adds its product onto the dense one in place; with ``overlap`` (opt-in, ``OVERLAP_REGIONS``, up to
+    ``OVERLAP_MAX_ROWS`` rows) the two run at once, the dense product on a second stream (``_beside``), and
+    one add sums them. The padding rows are left unset and their outputs dropped. Views by ``narrow``, not
+    indexing, and cuBLAS allocating y: this path runs once per layer of a host-bound prefill, where each
+    ``[:, :kd]`` costs a few us more (docs/PERFORMANCE.md). Each region's product is rounded to x's dtype
+    before they are summed
+    (serial: 1.87e-3 relative error against fp64 for a bf16 8B qkv at 100 rows, where the MMA kernel, one
+    fp32 sum for both regions, gave 1.66e-3; check_plugin_h200_v12/v13.txt)."""
     m, kd = x.shape[0], weight.kd
     x_perm = permute_columns(x, weight.channel_perm, rows, num_warps=PREFILL_PERMUTE_WARPS)
-    x_dense = x_perm.narrow(1, 0, kd)
+    x_dense, x_sparse = x_perm.narrow(1, 0, kd), x_perm.narrow(1, kd, weight.ks)
+    if bias is not None and bias.dtype != x.dtype:  # addmm takes the bias only in x's dtype
+        bias = bias.to(x.dtype)
+
+    def dense_product(out: torch.Tensor | None = None) -> torch.Tensor:
+        if bias is None:
+            return torch.mm(x_dense, weight.dense_weight.t(), out=out)
+        return torch.addmm(bias, x_dense, weight.dense_weight.t(), out=out)
+
     if kd == 0:
         y = (torch.zeros(rows, weight.n, device=x.device, dtype=x.dtype) if bias is None
-             else bias.to(x.dtype).expand(rows, -1).contiguous())
-    elif bias is None:
-        y = torch.mm(x_dense, weight.dense_weight.t())
-    else:  # addmm takes the bias only in x's dtype (the MMA kernel, which served 65-256 rows before, any)
-        y = torch.addmm(bias if bias.dtype == x.dtype else bias.to(x.dtype), x_dense, weight.dense_weight.t())
-    cusparselt.add_sparse_product(weight.sparse_compressed, x_perm.narrow(1, kd, weight.ks), y)
+             else bias.expand(rows, -1).contiguous())
+        cusparselt.add_sparse_product(weight.sparse_compressed, x_sparse, y)
+    elif overlap:
+        y, dense = (torch.empty(rows, weight.n, device=x.device, dtype=x.dtype) for _ in range(2))
+        _beside(x.device, lambda: dense_product(out=dense),
+                lambda: cusparselt.add_sparse_product(weight.sparse_compressed, x_sparse, y, accumulate=False))
+        y += dense
+    else:
+        y = dense_product()
+        cusparselt.add_sparse_product(weight.sparse_compressed, x_sparse, y)
     return y if rows == m else y.narrow(0, 0, m)
+
+
+_side_streams: dict[int, "torch.cuda.Stream"] = {}
+
+
+def _beside(device: torch.device, on_side, on_current) -> None:
+    """``on_side()`` on a second stream of ``device`` and ``on_current()`` on the current one, so the GPU can
+    run them at once; the current stream then waits for the second. Both work only on tensors allocated
+    before the call (nothing the caching allocator could hand out while the second stream still reads it),
+    and CUDA-graph capture follows the fork and the join. Off CUDA: one after the other."""
+    if device.type != "cuda":
+        on_side()
+        on_current()
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _side_streams:
+        _side_streams[index] = torch.cuda.Stream(index)
+    current, side = torch.cuda.current_stream(index), _side_streams[index]
+    side.wait_stream(current)
+    try:
+        with torch.cuda.stream(side):
+            on_side()
+        on_current()
+    finally:  # joined even when cuSPARSELt refuses: a capture must not end with the second stream forked
+        current.wait_stream(side)
 
 
 def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None = None,
@@ -1190,7 +1242,8 @@ def spense_gemm(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | 
         if not (cusparselt.refused(*plan) or (x.is_cuda and torch.cuda.is_current_stream_capturing()
                                               and not cusparselt.has_plan(*plan))):
             try:
-                y = _on_sparse_cores(x.contiguous(), weight, bias, rows)
+                overlap = OVERLAP_REGIONS if config.overlap_regions is None else config.overlap_regions
+                y = _on_sparse_cores(x.contiguous(), weight, bias, rows, overlap and rows <= OVERLAP_MAX_ROWS)
                 return y if out is None else out.copy_(y)
             except cusparselt.CusparseLtError:  # refused at this size (logged once, remembered)
                 pass

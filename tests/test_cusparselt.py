@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,9 +19,10 @@ import torch
 from tests.helpers import random_dense_mask, random_pruned_weight
 from vllm_spense.format import GROUP_SIZE, pack, sparse_indices
 from vllm_spense.kernels import cusparselt
-from vllm_spense.kernels.spense_gemm import (CAPTURED_MAX_M, CUBLAS_AND_CUSPARSELT, MMA_MAX_M, SPARSE_CORES_MIN_M,
-                                             SPARSE_CORES_ROW_STEP, UNPACK_AND_CUBLAS, SpenseGemmWeight,
-                                             choose_config, spense_gemm, warm_up)
+from vllm_spense.kernels import spense_gemm as spense_gemm_module
+from vllm_spense.kernels.spense_gemm import (CAPTURED_MAX_M, CUBLAS_AND_CUSPARSELT, MMA_MAX_M, OVERLAP_MAX_ROWS,
+                                             SPARSE_CORES_MIN_M, SPARSE_CORES_ROW_STEP, UNPACK_AND_CUBLAS,
+                                             SpenseGemmWeight, choose_config, spense_gemm, warm_up)
 
 PAIRS = list(itertools.combinations(range(GROUP_SIZE), 2))
 
@@ -87,9 +91,16 @@ def compressed_like_cusparselt(region: torch.Tensor, generator: torch.Generator)
 
 
 def fake_sparse_product(region: torch.Tensor):
-    """``cusparselt.add_sparse_product`` (CUDA only) in plain PyTorch for this region: y += x_s @ region^T."""
-    def add_sparse_product(compressed, x_sparse, y):
-        y += (x_sparse.double() @ region.double().t()).to(y.dtype)
+    """``cusparselt.add_sparse_product`` (CUDA only) in plain PyTorch for this region: y += x_s @ region^T, or
+    y = x_s @ region^T without ``accumulate``; each call's ``accumulate`` is recorded in ``.accumulates``."""
+    def add_sparse_product(compressed, x_sparse, y, accumulate=True):
+        add_sparse_product.accumulates.append(accumulate)
+        product = (x_sparse.double() @ region.double().t()).to(y.dtype)
+        if accumulate:
+            y += product
+        else:
+            y.copy_(product)
+    add_sparse_product.accumulates = []
     return add_sparse_product
 
 
@@ -120,19 +131,37 @@ def test_compress_refuses_an_operand_that_loses_a_value(monkeypatch, caplog):
 
 @pytest.mark.parametrize("dense_per_chunk", [0, 8])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("extra_rows", [45, 128])  # padded to a whole step, or a whole step already
-def test_prefill_path_on_sparse_cores_matches_fp64(monkeypatch, dense_per_chunk, with_bias, extra_rows):
+@pytest.mark.parametrize("rows", [SPARSE_CORES_MIN_M + 7, 2 * SPARSE_CORES_ROW_STEP, MMA_MAX_M + 45])
+@pytest.mark.parametrize("overlap", [None, True])
+def test_path_on_sparse_cores_matches_fp64(monkeypatch, dense_per_chunk, with_bias, rows, overlap):
     """The path around the cuSPARSELt call: x permuted into whole 128-row steps, the dense region by torch.mm
-    with the bias, the 2:4 product added, the padding rows dropped, ``out`` filled (cuSPARSELt stood in for
-    by plain PyTorch; fp32 in Triton's interpreter)."""
+    with the bias, the 2:4 product added onto it (by default) or, with ``overlap_regions`` up to
+    OVERLAP_MAX_ROWS rows, written apart and the two summed, the padding rows dropped, ``out`` filled
+    (cuSPARSELt stood in for by plain PyTorch, the second stream by running in turn; fp32 in Triton's
+    interpreter)."""
     weight, gemm, _ = packed_case(40, 256, dense_per_chunk)
     gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
-    monkeypatch.setattr(cusparselt, "add_sparse_product", fake_sparse_product(region_from_weight(gemm, weight)))
-    x, bias = torch.randn(MMA_MAX_M + extra_rows, 256), torch.randn(40) if with_bias else None
+    fake = fake_sparse_product(region_from_weight(gemm, weight))
+    monkeypatch.setattr(cusparselt, "add_sparse_product", fake)
+    x, bias = torch.randn(rows, 256), torch.randn(40) if with_bias else None
     out = torch.full((x.shape[0], 40), float("nan"))
-    spense_gemm(x, gemm, bias, out=out)
+    spense_gemm(x, gemm, bias, out=out, config=dataclasses.replace(CUBLAS_AND_CUSPARSELT, overlap_regions=overlap))
     reference = x.double() @ weight.double().t() + (bias.double() if with_bias else 0)
     assert ((out.double() - reference).norm() / reference.norm()).item() < 1e-5
+    padded = -(-rows // SPARSE_CORES_ROW_STEP) * SPARSE_CORES_ROW_STEP
+    wanted = spense_gemm_module.OVERLAP_REGIONS if overlap is None else overlap
+    assert fake.accumulates == [not (wanted and dense_per_chunk > 0 and padded <= OVERLAP_MAX_ROWS)]
+
+
+@pytest.mark.parametrize("value, expected", [(None, False), ("0", False), ("1", True)])
+def test_overlap_is_opt_in_through_the_environment(value, expected):
+    """Two streams only where the server's environment asks for them (read at import)."""
+    env = {k: v for k, v in os.environ.items() if k != "SPENSE_OVERLAP_REGIONS"}
+    if value is not None:
+        env["SPENSE_OVERLAP_REGIONS"] = value
+    code = "from vllm_spense.kernels.spense_gemm import OVERLAP_REGIONS; print(OVERLAP_REGIONS)"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == str(expected)
 
 
 @pytest.mark.parametrize("m", [SPARSE_CORES_MIN_M + 30, MMA_MAX_M + 3])  # the MMA kernel / the expansion path
@@ -141,7 +170,7 @@ def test_a_size_cusparselt_refuses_takes_the_path_without_sparse_cores(monkeypat
     gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
     calls = []
 
-    def refuse(compressed, x_sparse, y):
+    def refuse(compressed, x_sparse, y, accumulate=True):
         calls.append(x_sparse.shape)
         raise cusparselt.CusparseLtError("cuSPARSELt: refused (test)")
     monkeypatch.setattr(cusparselt, "add_sparse_product", refuse)
@@ -205,9 +234,9 @@ def test_warm_up_runs_cusparselt_at_every_captured_row_step_and_checks_against_f
     gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
     fake, rows = fake_sparse_product(region_from_weight(gemm, weight)), []
 
-    def recording(compressed, x_sparse, y):
+    def recording(compressed, x_sparse, y, accumulate=True):
         rows.append(x_sparse.shape[0])
-        fake(compressed, x_sparse, y)
+        fake(compressed, x_sparse, y, accumulate)
     monkeypatch.setattr(cusparselt, "add_sparse_product", recording)
     warm_up(gemm, torch.float32, torch.randn(40))
     step = SPARSE_CORES_ROW_STEP
