@@ -153,6 +153,20 @@ def test_path_on_sparse_cores_matches_fp64(monkeypatch, dense_per_chunk, with_bi
     assert fake.accumulates == [not (wanted and dense_per_chunk > 0 and padded <= OVERLAP_MAX_ROWS)]
 
 
+@pytest.mark.parametrize("switch", [False, True])
+def test_the_default_config_follows_the_switch(monkeypatch, switch):
+    """With no overlap_regions in the config (what vLLM's calls use), OVERLAP_REGIONS decides."""
+    weight, gemm, _ = packed_case(40, 256, 8)
+    gemm = dataclasses.replace(gemm, sparse_compressed=torch.empty(1))
+    fake = fake_sparse_product(region_from_weight(gemm, weight))
+    monkeypatch.setattr(cusparselt, "add_sparse_product", fake)
+    monkeypatch.setattr(spense_gemm_module, "OVERLAP_REGIONS", switch)
+    x = torch.randn(SPARSE_CORES_MIN_M + 3, 256)
+    reference = x.double() @ weight.double().t()
+    assert ((spense_gemm(x, gemm).double() - reference).norm() / reference.norm()).item() < 1e-5
+    assert fake.accumulates == [not switch]
+
+
 @pytest.mark.parametrize("value, expected", [(None, False), ("0", False), ("1", True)])
 def test_overlap_is_opt_in_through_the_environment(value, expected):
     """Two streams only where the server's environment asks for them (read at import)."""

@@ -67,8 +67,9 @@ async def measure(url: str, vocab: int, args) -> dict:
 
     # Closed inside the event loop: left to the garbage collector, its connections raised "Event loop is
     # closed" after asyncio.run returned (at 128-256 concurrent requests). Two retries: at 256 concurrent
-    # streams a pooled connection was dropped (httpx ReadError) in two runs on an H200 machine; a retried
-    # request's rate is timed on its own tokens, so it only joins its batch late.
+    # streams a connection was dropped (httpx ReadError) in two runs on an H200 machine. The client retries
+    # a request whose response has not started (a drop mid-stream still ends the run); a retried request's
+    # rate is timed on its own tokens, so it only joins its batch late.
     async with openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=2, timeout=600) as client:
         return await measure_with(client, vocab, args)
 
