@@ -7,6 +7,7 @@ from __future__ import annotations
 import pathlib
 import sys
 
+import pytest
 import torch
 
 from vllm_spense.checkpoint import check_checkpoint_headers, dense_state_dict, read_config, read_tensors
@@ -55,11 +56,26 @@ def test_dense_and_spense_checkpoints_agree(tmp_path, tiny_model_dir):
 def test_serving_benchmark_passes_vllms_own_quantization_only_when_asked():
     """``folder:method`` serves the folder with vLLM's ``--quantization method`` (the dense FP8 baseline), filed
     under its own name; a plain folder gets no flag (vLLM reads a Spense checkpoint's method from its config)."""
-    folder, method, name = bench_serving.model_spec("/tmp/vm/dense:fp8")
-    assert (folder, method, name) == ("/tmp/vm/dense", "fp8", "dense_fp8")
+    folder, method, env, name = bench_serving.model_spec("/tmp/vm/dense:fp8")
+    assert (folder, method, env, name) == ("/tmp/vm/dense", "fp8", {}, "dense_fp8")
     command = bench_serving.server_command(folder, 8123, 32, method)
     assert command[command.index("--quantization") + 1] == "fp8"
     assert command[command.index("--model") + 1] == "/tmp/vm/dense"
-    folder, method, name = bench_serving.model_spec("/tmp/vm/spense")
-    assert (method, name) == (None, "spense")
+    folder, method, env, name = bench_serving.model_spec("/tmp/vm/spense")
+    assert (method, env, name) == (None, {}, "spense")
     assert "--quantization" not in bench_serving.server_command(folder, 8123, 32, method)
+
+
+def test_serving_benchmark_takes_an_environment_per_model_and_files_repeats_apart():
+    """``folder@VAR=VALUE,...`` gives that server extra environment (an A/B of a switch in one call); a spec
+    measured again is filed as ``name#2`` (the first server started on a machine measured slower)."""
+    folder, method, env, name = bench_serving.model_spec("/tmp/vm/spense@SPENSE_OVERLAP_REGIONS=1,A=b=c")
+    assert (folder, method, env) == ("/tmp/vm/spense", None, {"SPENSE_OVERLAP_REGIONS": "1", "A": "b=c"})
+    assert name == "spense@SPENSE_OVERLAP_REGIONS=1,A=b=c"
+    assert bench_serving.model_spec("/tmp/vm/dense:fp8@X=1")[1:] == ("fp8", {"X": "1"}, "dense_fp8@X=1")
+    with pytest.raises(ValueError, match="VAR=VALUE.*'NOVALUE'"):
+        bench_serving.model_spec("/tmp/vm/spense@NOVALUE")
+    taken = {}
+    for spec in ("spense", "spense@X=1", "spense", "spense"):
+        taken[bench_serving.unique_name(bench_serving.model_spec(spec)[3], taken)] = {}
+    assert list(taken) == ["spense", "spense@X=1", "spense#2", "spense#3"]

@@ -2,6 +2,13 @@
 
     python benchmarks/vllm_gpu/bench_serving.py --models /tmp/vm/dense /tmp/vm/spense --json out.json
     python benchmarks/vllm_gpu/bench_serving.py --models /tmp/vm/dense:fp8 --json out.json   # vLLM's own FP8
+    python benchmarks/vllm_gpu/bench_serving.py --json out.json --models /tmp/vm/dense /tmp/vm/spense \
+        /tmp/vm/spense@SPENSE_OVERLAP_REGIONS=1 /tmp/vm/spense   # an A/B in both orders, one call
+
+A model is ``folder[:method][@VAR=VALUE[,VAR=VALUE...]]``: vLLM's own ``--quantization`` method and the
+server's extra environment. A spec given twice is started and measured twice (filed as ``name#2``): on an
+H200 the first Spense server started on a machine measured 12-15% below a later one at batch 128 (cold
+Triton and torch.compile caches, docs/PERFORMANCE.md), so an A/B should run each side in both orders.
 
 For each checkpoint: start vLLM's OpenAI server (CUDA graphs and torch.compile as vLLM does by default;
 the plugin is found through its entry point, the Spense method through config.json), then with an
@@ -20,6 +27,7 @@ import asyncio
 import json
 import pathlib
 import random
+import re
 import statistics
 import sys
 import time
@@ -37,11 +45,28 @@ def server_command(model: str, port: int, max_seqs: int, quantization: str | Non
             *extra]
 
 
-def model_spec(spec: str) -> tuple[str, str | None, str]:
-    """``folder`` or ``folder:method`` (vLLM's own ``--quantization``, e.g. ``dense:fp8``): (folder, method or
-    None, the name results are filed under)."""
-    folder, _, quantization = spec.partition(":")
-    return folder, quantization or None, pathlib.Path(folder).name + (f"_{quantization}" if quantization else "")
+def model_spec(spec: str) -> tuple[str, str | None, dict[str, str], str]:
+    """``folder[:method][@VAR=VALUE,...]`` (vLLM's own ``--quantization``, e.g. ``dense:fp8``; the server's
+    extra environment, e.g. ``spense@SPENSE_OVERLAP_REGIONS=1``): (folder, method or None, environment, the
+    name results are filed under)."""
+    model, _, settings = spec.partition("@")
+    folder, _, quantization = model.partition(":")
+    env = {}
+    for setting in filter(None, settings.split(",")):
+        name, equals, value = setting.partition("=")
+        if not equals or not name:
+            raise ValueError(f"model {spec!r}: an environment setting must read VAR=VALUE, found {setting!r}")
+        env[name] = value
+    name = pathlib.Path(folder).name + (f"_{quantization}" if quantization else "") + (f"@{settings}" if env else "")
+    return folder, quantization or None, env, name
+
+
+def unique_name(name: str, taken) -> str:
+    """``name``, or ``name#2``, ``name#3``... when a spec is measured again."""
+    count = 1
+    while (name if count == 1 else f"{name}#{count}") in taken:
+        count += 1
+    return name if count == 1 else f"{name}#{count}"
 
 
 async def stream_one(client, prompt: list[int], max_tokens: int) -> tuple[float, float, float, int]:
@@ -120,15 +145,17 @@ def main(argv: list[str] | None = None) -> int:
     results = {"device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
                "settings": {k: v for k, v in vars(args).items() if k not in ("json", "logs")}, "models": {}}
     for spec in args.models:
-        model, quantization, name = model_spec(spec)
+        model, quantization, env, name = model_spec(spec)
+        name = unique_name(name, results["models"])
         vocab = json.loads((pathlib.Path(model) / "config.json").read_text())["vocab_size"]
-        log = pathlib.Path(args.logs) / f"vllm_{name}.log"
+        log = pathlib.Path(args.logs) / f"vllm_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.log"  # plain file names
         port = free_port()
         start = time.perf_counter()
         print(f"{name}: starting vLLM", flush=True)
         try:
             command = server_command(model, port, max(args.batches), quantization)
-            with VllmServer(None, log=log, command=command, port=port, env={"VLLM_USE_FLASHINFER_SAMPLER": "0"}) as _:
+            with VllmServer(None, log=log, command=command, port=port,
+                            env={"VLLM_USE_FLASHINFER_SAMPLER": "0", **env}) as _:
                 startup = time.perf_counter() - start
                 print(f"{name}: healthy after {startup:.0f} s", flush=True)
                 measured = asyncio.run(measure(f"http://127.0.0.1:{port}", vocab, args))

@@ -29,7 +29,9 @@ PY
     out=${2:-/tmp/out}
     cd /tmp && src=$OLDPWD
     [ -d /tmp/vm/spense_fp8 ] || python3 "$src/benchmarks/vllm_gpu/make_checkpoints.py" /tmp/vm "$store/payload/tokenizer" || exit 1
-    models=(${MODELS:-dense spense})  # e.g. MODELS="dense spense_fp8"
+    # e.g. MODELS="dense spense_fp8", or an A/B of a switch in both orders (bench_serving.py's docstring):
+    # MODELS="dense spense spense@SPENSE_OVERLAP_REGIONS=1 spense"
+    models=(${MODELS:-dense spense})
     batches=(${BATCHES:-1 8 32})  # concurrent requests, e.g. BATCHES="1 2 8"
     python3 "$src/benchmarks/vllm_gpu/bench_serving.py" --models "${models[@]/#//tmp/vm/}" --batches "${batches[@]}" \
       --json "$out/vllm_serving.json" --logs "$out"
