@@ -1166,33 +1166,34 @@ def _on_sparse_cores(x: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tens
     one add sums them. The padding rows are left unset and their outputs dropped. Views by ``narrow``, not
     indexing, and cuBLAS allocating y: this path runs once per layer of a host-bound prefill, where each
     ``[:, :kd]`` costs a few us more (docs/PERFORMANCE.md). Each region's product is rounded to x's dtype
-    before they are summed
-    (serial: 1.87e-3 relative error against fp64 for a bf16 8B qkv at 100 rows, where the MMA kernel, one
-    fp32 sum for both regions, gave 1.66e-3; check_plugin_h200_v12/v13.txt)."""
+    before they are summed (one stream: 1.87e-3 relative error against fp64 for a bf16 8B qkv at 100 rows,
+    where the MMA kernel, one fp32 sum for both regions, gave 1.66e-3; check_plugin_h200_v12/v13.txt)."""
     m, kd = x.shape[0], weight.kd
     x_perm = permute_columns(x, weight.channel_perm, rows, num_warps=PREFILL_PERMUTE_WARPS)
     x_dense, x_sparse = x_perm.narrow(1, 0, kd), x_perm.narrow(1, kd, weight.ks)
     if bias is not None and bias.dtype != x.dtype:  # addmm takes the bias only in x's dtype
         bias = bias.to(x.dtype)
-
-    def dense_product(out: torch.Tensor | None = None) -> torch.Tensor:
-        if bias is None:
-            return torch.mm(x_dense, weight.dense_weight.t(), out=out)
-        return torch.addmm(bias, x_dense, weight.dense_weight.t(), out=out)
-
     if kd == 0:
         y = (torch.zeros(rows, weight.n, device=x.device, dtype=x.dtype) if bias is None
              else bias.expand(rows, -1).contiguous())
         cusparselt.add_sparse_product(weight.sparse_compressed, x_sparse, y)
     elif overlap:
         y, dense = (torch.empty(rows, weight.n, device=x.device, dtype=x.dtype) for _ in range(2))
-        _beside(x.device, lambda: dense_product(out=dense),
+        _beside(x.device, lambda: _dense_region_product(x_dense, weight, bias, out=dense),
                 lambda: cusparselt.add_sparse_product(weight.sparse_compressed, x_sparse, y, accumulate=False))
         y += dense
     else:
-        y = dense_product()
+        y = _dense_region_product(x_dense, weight, bias)
         cusparselt.add_sparse_product(weight.sparse_compressed, x_sparse, y)
     return y if rows == m else y.narrow(0, 0, m)
+
+
+def _dense_region_product(x_dense: torch.Tensor, weight: SpenseGemmWeight, bias: torch.Tensor | None,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
+    """``x_dense @ dense_weight^T (+ bias)`` on cuBLAS, the bias (in x's dtype) in its epilogue."""
+    if bias is None:
+        return torch.mm(x_dense, weight.dense_weight.t(), out=out)
+    return torch.addmm(bias, x_dense, weight.dense_weight.t(), out=out)
 
 
 _side_streams: dict[int, "torch.cuda.Stream"] = {}
