@@ -1,7 +1,7 @@
 """cuSPARSELt for the 2:4 region at prefill, in parts, on the bench_gemm shapes (rho = 0.25, bf16):
 
-    python benchmarks/bench_cusparselt.py --json OUT.json [--algs | --layout | --host | --permute] [--shapes ...]
-        [--ms ...]
+    python benchmarks/bench_cusparselt.py --json OUT.json [--algs | --layout | --host | --permute | --search]
+        [--shapes ...] [--ms ...]
 
 Per shape and M: cuBLAS on the whole weight; the Spense prefill path (``spense_gemm``) and its parts: x's
 permutation, the dense region on cuBLAS, the 2:4 region on cuSPARSELt through ``kernels/cusparselt.py``
@@ -12,7 +12,9 @@ cuSPARSELt call and of torch's ``torch._cslt_sparse_mm``, which builds a plan ev
 every cuSPARSELt algorithm id on the 2:4 region instead; with ``--layout``, the path with y written
 features-major and transposed back (``transposed_layout``); with ``--host``, the host time of the custom
 op and of each step of the path (``host_parts``) and where the op's own Python spends it (``host_profile``,
-cProfile's per-function time); with ``--permute``, the permutation kernel's configs (``permute_configs``).
+cProfile's per-function time); with ``--permute``, the permutation kernel's configs (``permute_configs``);
+with ``--search``, how far from the best the algorithm search lands, quiet and with every CPU core busy, as
+it searches now and as it did before (``search_regret``).
 Times are medians of ``triton.testing.do_bench`` (eager launches, L2 flushed between calls) unless under a
 CUDA graph (``do_bench_cudagraph``); host times average 20 calls without synchronising.
 """
@@ -22,7 +24,10 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
+import subprocess
+import sys
 import time
 
 import torch
@@ -220,6 +225,41 @@ def permute_configs(w, x: torch.Tensor) -> dict:
                 index_select_quads_us=gpu_us(quads_by_index_select(w, x, torch.empty_like(x))) if one_word else None)
 
 
+# The search before: one call between two events, no spin (``cusparselt.time_algorithms``' parameters).
+SEARCHES = {"one call a sample (before)": dict(calls=1, spin_cycles=0), "queued calls (now)": {}}
+
+
+def search_regret(compressed, n: int, x_sparse, trials: int = 4) -> dict:
+    """Every algorithm's time under a CUDA graph (the reference: GPU time only), then ``trials`` searches per
+    way of searching (``SEARCHES``), with the CPU quiet and with one busy process per core beside it (as
+    when a server's other processes compile): the algorithm each picked and its time over the best one's."""
+    reference = {}
+    y = torch.zeros(x_sparse.shape[0], n, device=x_sparse.device, dtype=x_sparse.dtype)
+    for alg, _ in cusparselt.time_algorithms(compressed, n, x_sparse, calls=1, rounds=1).items():
+        plan = cusparselt.Plan(cusparselt.library(), x_sparse.device, n, x_sparse.shape[1], x_sparse.shape[0],
+                               x_sparse.stride(0), x_sparse.dtype, alg)
+        workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=x_sparse.device)
+        reference[alg] = graph_us(lambda: cusparselt.run_plan(plan, compressed, x_sparse, y, workspace))
+    best = min(reference.values())
+    row = {"algorithms_graph_us": reference}
+    for busy in (False, True):
+        hog = [sys.executable, "-c", "while True: pass"]
+        hogs = [subprocess.Popen(hog) for _ in range(os.cpu_count() if busy else 0)]
+        try:
+            time.sleep(1.0 if busy else 0.0)
+            for name, options in SEARCHES.items():
+                picks = []
+                for _ in range(trials):
+                    times = cusparselt.time_algorithms(compressed, n, x_sparse, **options)
+                    picks.append(min(times, key=times.get))
+                row[f"{name}, {'CPU busy' if busy else 'quiet'}"] = {
+                    "picked": picks, "over_best": [round(reference[alg] / best, 3) for alg in picks]}
+        finally:
+            for hog in hogs:
+                hog.kill()
+    return row
+
+
 def host_profile(call, calls: int = 200, top: int = 25) -> list[str]:
     """The ``top`` functions by own time under cProfile over ``calls`` calls (us per call, own and
     cumulative; cProfile's overhead inflates functions that make many small calls)."""
@@ -248,6 +288,8 @@ def main() -> None:
     parser.add_argument("--layout", action="store_true", help="y features-major + a transpose (transposed_layout)")
     parser.add_argument("--host", action="store_true", help="host time of the op and its parts (host_parts)")
     parser.add_argument("--permute", action="store_true", help="the permutation kernel's configs (permute_configs)")
+    parser.add_argument("--search", action="store_true", help="the algorithm search's picks against the best "
+                                                               "(search_regret)")
     parser.add_argument("--shapes", nargs="*", default=list(SHAPES))
     parser.add_argument("--ms", nargs="*", type=int, default=MS)
     args = parser.parse_args()
@@ -282,6 +324,8 @@ def main() -> None:
                 row.update(host_parts(w, x))
             elif args.permute:
                 row.update(permute_configs(w, x))
+            elif args.search:
+                row.update(search_regret(w.sparse_compressed, n, x_sparse))
             else:
                 row.update(parts(w, base, x, x_perm, y))
             rows.append(row)

@@ -229,39 +229,63 @@ _ONE, _ZERO = ctypes.c_float(1.0), ctypes.c_float(0.0)
 # (cusparselt_algs_small_m_h200.json); larger plans, built while serving, share one search at SEARCH_ROWS.
 SEARCH_ROWS = 4096
 SEARCH_OWN_ROWS_MAX = 512
-SEARCH_REPEATS = 3
+# How ``_alg_id`` times an algorithm: SEARCH_CALLS calls back to back between two CUDA events, queued while the
+# GPU spins (``torch.cuda._sleep``, SEARCH_SPIN_CYCLES clock cycles: about 1 ms), so the events time the GPU's
+# work and not the host's ~25 us a call of queueing it; SEARCH_ROUNDS rounds over every algorithm in turn, the
+# median of each. One call between two events, as before, timed the host's queueing too and picked algorithms
+# up to 1.15x the best one's time under a CUDA graph (1.00-1.07x at 128-256 rows), CPU quiet or busy; this
+# picked the best on the 8B shapes at 128-512 rows (H200, cusparselt_search_h200.json, docs/KERNELS.md).
+SEARCH_CALLS = 8
+SEARCH_ROUNDS = 3
+SEARCH_SPIN_CYCLES = 2_000_000
+
+
+def time_algorithms(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor, calls: int = SEARCH_CALLS,
+                    rounds: int = SEARCH_ROUNDS, spin_cycles: int = SEARCH_SPIN_CYCLES) -> dict[int, float]:
+    """Milliseconds a call of every algorithm config cuSPARSELt has for this problem (a config that fails is
+    skipped): ``calls`` calls between two CUDA events after ``spin_cycles`` of GPU spin, the median over
+    ``rounds`` rounds, each over every algorithm in turn (so a GPU clock that ramps up favours none)."""
+    ks, ld, dtype, device = x_sparse.shape[1], x_sparse.stride(0), x_sparse.dtype, x_sparse.device
+    rows = x_sparse.shape[0]
+    y = torch.zeros(rows, n, device=device, dtype=dtype)
+    runs = {}
+    for alg in range(Plan(library(), device, n, ks, rows, ld, dtype).max_alg_id):
+        try:
+            plan = Plan(library(), device, n, ks, rows, ld, dtype, alg)
+            workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
+            run_plan(plan, compressed, x_sparse, y, workspace)
+        except CusparseLtError:
+            continue
+        runs[alg] = (plan, workspace)
+    samples: dict[int, list[float]] = {alg: [] for alg in runs}
+    for _ in range(rounds):
+        events = {}
+        for alg, (plan, workspace) in runs.items():
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if spin_cycles:
+                torch.cuda._sleep(spin_cycles)
+            start.record()
+            for _ in range(calls):
+                run_plan(plan, compressed, x_sparse, y, workspace)
+            stop.record()
+            events[alg] = (start, stop)
+        torch.cuda.synchronize(device)
+        for alg, (start, stop) in events.items():
+            samples[alg].append(start.elapsed_time(stop) / calls)
+    return {alg: sorted(times)[len(times) // 2] for alg, times in samples.items()}
 
 
 def _alg_id(compressed: torch.Tensor, n: int, x_sparse: torch.Tensor) -> int:
-    """The fastest of cuSPARSELt's algorithm configs for this weight shape, timed once with CUDA events on
-    ``_search_rows`` rows of random activations laid out as ``x_sparse`` (same row stride): the median of
-    ``SEARCH_REPEATS`` calls each, after one; a config that fails is skipped. Our own timing rather than
-    torch's ``_cslt_sparse_mm_search``, which times another layout (contiguous activations) and picked
-    algorithms up to 8% slower than the best on the 8B shapes (docs/KERNELS.md)."""
+    """The fastest of cuSPARSELt's algorithm configs for this weight shape (``time_algorithms``), on
+    ``_search_rows`` rows of random activations laid out as ``x_sparse`` (same row stride). Our own timing
+    rather than torch's ``_cslt_sparse_mm_search``, which times another layout (contiguous activations) and
+    picked algorithms up to 8% slower than the best on the 8B shapes (docs/KERNELS.md)."""
     ks, ld, dtype, device = x_sparse.shape[1], x_sparse.stride(0), x_sparse.dtype, x_sparse.device
     rows = _search_rows(x_sparse.shape[0])
     key = (n, ks, rows, ld, dtype, device)
     if key in _alg_ids:
         return _alg_ids[key]
-    x = torch.randn(rows, ld, device=device, dtype=dtype)[:, :ks]
-    y = torch.zeros(rows, n, device=device, dtype=dtype)
-    times = {}
-    for alg in range(Plan(library(), device, n, ks, rows, ld, dtype).max_alg_id):
-        try:
-            plan = Plan(library(), device, n, ks, rows, ld, dtype, alg)
-            workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=device)
-            run_plan(plan, compressed, x, y, workspace)
-            samples = []
-            for _ in range(SEARCH_REPEATS):
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                run_plan(plan, compressed, x, y, workspace)
-                stop.record()
-                stop.synchronize()
-                samples.append(start.elapsed_time(stop))
-        except CusparseLtError:
-            continue
-        times[alg] = sorted(samples)[len(samples) // 2]
+    times = time_algorithms(compressed, n, torch.randn(rows, ld, device=device, dtype=dtype)[:, :ks])
     if not times:
         raise CusparseLtError(f"cuSPARSELt: no algorithm runs a [{n}, {ks}] {dtype} region")
     _alg_ids[key] = min(times, key=times.get)

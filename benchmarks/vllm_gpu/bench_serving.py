@@ -6,10 +6,9 @@
         /tmp/vm/spense@SPENSE_OVERLAP_REGIONS=1 /tmp/vm/spense   # an A/B in both orders, one call
 
 A model is ``folder[:method][@VAR=VALUE[,VAR=VALUE...]]``: vLLM's own ``--quantization`` method and the
-server's extra environment. A spec given twice is started and measured twice (filed as ``name#2``): on an
-H200 the first Spense server started on a machine measured 11-15% below a later one at batch 128 (its
-start, with cold compile caches, was slower too; docs/PERFORMANCE.md), so an A/B should run each side in
-both orders.
+server's extra environment. A spec given twice is started and measured twice (filed as ``name#2``): batch
+128 and prefill move by 10-20% between servers of the same code (on H200 machines, docs/PERFORMANCE.md), so
+an A/B should run each side more than once, in both orders.
 
 For each checkpoint: start vLLM's OpenAI server (CUDA graphs and torch.compile as vLLM does by default;
 the plugin is found through its entry point, the Spense method through config.json), then with an

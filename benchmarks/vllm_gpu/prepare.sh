@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Here, with a package index: the wheels vLLM 0.25.0 needs beyond the GPU image, and a tokenizer, as one tar
-# split into parts of 58 MiB that travel one per device call (.vllm_ship/ is git-ignored). Then, on the
-# device, in consecutive calls (each within 30 s of the last, while the machine stays warm):
+# split into parts of 50 MiB that travel one per device call (.vllm_ship/ is git-ignored; a part and the
+# working tree must stay under the 64 MiB a call carries). Then, on the device, in consecutive calls (each
+# within 30 s of the last, while the machine stays warm):
 #   bash benchmarks/vllm_gpu/device.sh receive part_00     (carry .vllm_ship/part_00)   ... one per part
 #   bash benchmarks/vllm_gpu/device.sh install             (carry the last part too, and install)
 #   bash benchmarks/vllm_gpu/device.sh bench $OUT          (checkpoints + dense and Spense vllm serve)
@@ -22,6 +23,6 @@ pip download -q --no-deps cachetools "llguidance==1.6.1" apache-tvm-ffi "${where
 rm -f "$ship"/payload/wheels/numpy-*.whl  # the image's numpy is newer; replacing it could break torch
 python -c "from tests.conftest import train_tokenizer; train_tokenizer().save_pretrained('$ship/payload/tokenizer')"
 tar -C "$ship" -cf "$ship/payload.tar" payload
-split -b 58m -d "$ship/payload.tar" "$ship/part_"
+split -b 50m -d "$ship/payload.tar" "$ship/part_"
 rm -rf "$ship/payload" "$ship/payload.tar"
 ls -la "$ship"
