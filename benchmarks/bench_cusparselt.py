@@ -225,7 +225,8 @@ def permute_configs(w, x: torch.Tensor) -> dict:
                 index_select_quads_us=gpu_us(quads_by_index_select(w, x, torch.empty_like(x))) if one_word else None)
 
 
-# The search before: one call between two events, no spin (``cusparselt.time_algorithms``' parameters).
+# The search before, near enough: one call between two events, no spin (``cusparselt.time_algorithms``'
+# parameters; the previous code also waited for each call before queueing the next).
 SEARCHES = {"one call a sample (before)": dict(calls=1, spin_cycles=0), "queued calls (now)": {}}
 
 
