@@ -68,7 +68,7 @@ def test_serving_benchmark_passes_vllms_own_quantization_only_when_asked():
 
 def test_serving_benchmark_takes_an_environment_per_model_and_files_repeats_apart():
     """``folder@VAR=VALUE,...`` gives that server extra environment (an A/B of a switch in one call); a spec
-    measured again is filed as ``name#2`` (the first server started on a machine measured slower)."""
+    measured again is filed as ``name#2`` (servers of the same code measured 10-20% apart at batch 128)."""
     folder, method, env, name = bench_serving.model_spec("/tmp/vm/spense@SPENSE_OVERLAP_REGIONS=1,A=b=c")
     assert (folder, method, env) == ("/tmp/vm/spense", None, {"SPENSE_OVERLAP_REGIONS": "1", "A": "b=c"})
     assert name == "spense@SPENSE_OVERLAP_REGIONS=1,A=b=c"
