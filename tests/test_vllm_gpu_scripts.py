@@ -79,3 +79,24 @@ def test_serving_benchmark_takes_an_environment_per_model_and_files_repeats_apar
     for spec in ("spense", "spense@X=1", "spense", "spense"):
         taken[bench_serving.unique_name(bench_serving.model_spec(spec)[3], taken)] = {}
     assert list(taken) == ["spense", "spense@X=1", "spense#2", "spense#3"]
+
+
+def test_serving_benchmark_times_decode_over_the_window_where_every_request_decodes():
+    """Requests that start decoding at random times and stream at their own steady rates: over the window in
+    which all of them decode, the batch's rate is the sum of theirs; the per-request figure is the batch size
+    times the median request's rate; requests that never decode together have no such window."""
+    generator = torch.Generator().manual_seed(torch.seed() % 2**31)
+    batch = 37
+    firsts = torch.rand(batch, generator=generator, dtype=torch.float64).tolist()
+    intervals = (0.01 + 0.02 * torch.rand(batch, generator=generator, dtype=torch.float64)).tolist()
+    counts = torch.randint(400, 500, (batch,), generator=generator).tolist()
+    runs = [bench_serving.Stream(first - 0.5, [first + i * dt for i in range(n)], n)
+            for first, dt, n in zip(firsts, intervals, counts)]
+    expected = sum(1 / dt for dt in intervals)
+    steady = bench_serving.steady_decode_rate(runs)
+    assert abs(steady - expected) / expected < 0.02, (steady, expected)
+    median_rate = sorted(1 / dt for dt in intervals)[batch // 2]
+    assert bench_serving.per_request_rate(runs) == pytest.approx(batch * median_rate, rel=1e-9)
+    apart = [bench_serving.Stream(0.0, [1.0, 1.1, 1.2], 3), bench_serving.Stream(0.0, [2.0, 2.1, 2.2], 3)]
+    assert bench_serving.steady_decode_rate(apart) is None
+    assert bench_serving.steady_decode_rate([bench_serving.Stream(0.0, [1.0], 1)]) is None

@@ -14,7 +14,11 @@ For each checkpoint: start vLLM's OpenAI server (CUDA graphs and torch.compile a
 the plugin is found through its entry point, the Spense method through config.json), then with an
 async OpenAI client: ``batch`` concurrent streamed completions of ``--prompt-tokens`` random token ids and
 ``--max-tokens`` generated tokens each (``ignore_eos``). Decode tokens/s = batch x the median per-request
-rate (tokens after the first / time from first to last token), since all requests decode together;
+rate (tokens after the first / time from first to last token, ``per_request_rate``); at large batches
+some prompts still wait for prefill while others decode, so it mixes the two, and ``steady_tokens_per_s``
+counts only the window in which every request decodes (``steady_decode_rate``; likely none at 128 x
+1024-token prompts with 128 output tokens, where an H200 server's log showed prompts still waiting 10 s into
+a run: longer outputs make one);
 prefill tokens/s = prompt tokens / time to first token of a lone request, after one untimed request of that
 length (a serving engine pays its first-use costs once: Spense builds a cuSPARSELt plan per row count).
 Median of ``--repeats``.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import pathlib
 import random
@@ -69,22 +74,57 @@ def unique_name(name: str, taken) -> str:
     return name if count == 1 else f"{name}#{count}"
 
 
-async def stream_one(client, prompt: list[int], max_tokens: int) -> tuple[float, float, float, int]:
-    """(start, first token, last token) times and the number of completion tokens."""
+@dataclasses.dataclass
+class Stream:
+    """One streamed completion: when it was sent, when each chunk of text arrived, how many tokens it had."""
+    start: float
+    arrivals: list[float]
+    tokens: int
+
+    @property
+    def first(self) -> float | None:
+        return self.arrivals[0] if self.arrivals else None
+
+    @property
+    def last(self) -> float | None:
+        return self.arrivals[-1] if self.arrivals else None
+
+
+async def stream_one(client, prompt: list[int], max_tokens: int) -> Stream:
     start = time.perf_counter()
-    first = last = None
-    tokens = 0
+    arrivals, tokens = [], 0
     stream = await client.completions.create(model="spense", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
                                              stream=True, stream_options={"include_usage": True},
                                              extra_body={"ignore_eos": True})
     async for chunk in stream:
         now = time.perf_counter()
         if chunk.choices:
-            first = first or now
-            last = now
+            arrivals.append(now)
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return start, first, last, tokens
+    return Stream(start, arrivals, tokens)
+
+
+def per_request_rate(runs: list[Stream]) -> float:
+    """The batch times the median request's own rate (tokens after its first over first-to-last time). While
+    some prompts of a large batch still wait for prefill, others decode, so this mixes prefill into decode."""
+    rates = [(run.tokens - 1) / (run.last - run.first) for run in runs
+             if run.tokens > 1 and run.last > run.first]
+    return len(runs) * statistics.median(rates)
+
+
+def steady_decode_rate(runs: list[Stream]) -> float | None:
+    """Tokens/s of the whole batch over the window in which every request decodes (from the last first token
+    to the first last token), so no prompt's prefill falls inside it; None where there is no such window (the
+    first requests finished before the last started: longer outputs make one). A request's tokens are
+    spread evenly over its chunks (one token a chunk, as vLLM streams by default)."""
+    if not runs or any(len(run.arrivals) < 2 for run in runs):
+        return None
+    begin, end = max(run.first for run in runs), min(run.last for run in runs)
+    if end <= begin:
+        return None
+    tokens = sum(run.tokens / len(run.arrivals) * sum(begin < t <= end for t in run.arrivals) for run in runs)
+    return tokens / (end - begin)
 
 
 async def measure(url: str, vocab: int, args) -> dict:
@@ -109,20 +149,24 @@ async def measure_with(client, vocab: int, args) -> dict:
     await asyncio.gather(*(stream_one(client, prompt(64), 8) for _ in range(4)))  # warm up
     result = {"decode": {}, "prefill": {}}
     for batch in args.batches:
-        rates = []
+        rates, steady = [], []
         for _ in range(args.repeats):
             runs = await asyncio.gather(*(stream_one(client, prompt(args.prompt_tokens), args.max_tokens)
                                           for _ in range(batch)))
-            per_request = [(n - 1) / (last - first) for _, first, last, n in runs if n > 1 and last > first]
-            rates.append(batch * statistics.median(per_request))
-        result["decode"][str(batch)] = {"tokens_per_s": statistics.median(rates), "runs": rates}
-        print(f"  decode batch {batch}: {statistics.median(rates):.1f} tokens/s", flush=True)
+            rates.append(per_request_rate(runs))
+            steady.append(steady_decode_rate(runs))
+        windows = [rate for rate in steady if rate is not None]
+        result["decode"][str(batch)] = {"tokens_per_s": statistics.median(rates), "runs": rates,
+                                        "steady_tokens_per_s": statistics.median(windows) if windows else None,
+                                        "steady_runs": steady}
+        print(f"  decode batch {batch}: {statistics.median(rates):.1f} tokens/s"
+              + (f" (all decoding: {statistics.median(windows):.1f})" if windows else ""), flush=True)
     for length in args.prefill:
         times = []
         await stream_one(client, prompt(length), 1)  # untimed: first-use costs at this size (cuSPARSELt's plan)
         for _ in range(args.repeats):
-            start, first, _, _ = await stream_one(client, prompt(length), 1)
-            times.append(first - start)
+            run = await stream_one(client, prompt(length), 1)
+            times.append(run.first - run.start)
         result["prefill"][str(length)] = {"tokens_per_s": length / statistics.median(times), "ttft_s": times}
         print(f"  prefill {length}: {length / statistics.median(times):.0f} tokens/s", flush=True)
     return result
@@ -172,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
                                       for b in data["decode"]}
             data["prefill_speedup"] = {n: data["prefill"][n]["tokens_per_s"] / base["prefill"][n]["tokens_per_s"]
                                        for n in data["prefill"]}
+            data["steady_decode_speedup"] = {
+                b: data["decode"][b]["steady_tokens_per_s"] / base["decode"][b]["steady_tokens_per_s"]
+                for b in data["decode"] if data["decode"][b]["steady_tokens_per_s"]
+                and base["decode"][b]["steady_tokens_per_s"]}
     pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
     print(json.dumps({n: {k: v for k, v in d.items() if k.endswith("speedup")} for n, d in results["models"].items()}))
     return 0 if all("error" not in d for d in results["models"].values()) else 1

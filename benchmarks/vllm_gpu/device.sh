@@ -33,8 +33,9 @@ PY
     # MODELS="dense spense spense@SPENSE_OVERLAP_REGIONS=1 spense"
     models=(${MODELS:-dense spense})
     batches=(${BATCHES:-1 8 32})  # concurrent requests, e.g. BATCHES="1 2 8"
+    # MAX_TOKENS: tokens each request generates; e.g. 1024 at batch 128, for a window in which all decode
     python3 "$src/benchmarks/vllm_gpu/bench_serving.py" --models "${models[@]/#//tmp/vm/}" --batches "${batches[@]}" \
-      --json "$out/vllm_serving.json" --logs "$out"
+      --max-tokens "${MAX_TOKENS:-128}" --json "$out/vllm_serving.json" --logs "$out"
     status=$?
     for f in "$out"/vllm_*.log; do tail -c 200000 "$f" > "$f.tail" && mv "$f.tail" "$f"; done
     exit $status ;;
