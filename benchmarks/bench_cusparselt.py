@@ -59,10 +59,10 @@ def host_us(call, calls: int = 20) -> float:
 
 
 def algorithms(compressed, n: int, ks: int, x_sparse, y, y_transposed: bool = False,
-               split_k: int | None = None) -> dict[int, float]:
+               split_k: int | None = None, timer=gpu_us) -> dict[int, float]:
     """The time of every algorithm config cuSPARSELt reports for this problem (plan by plan; a config it
     refuses is skipped, as ``cusparselt._alg_id`` does); ``y_transposed``: y is ``[N, M]``, ``split_k``:
-    cuSPARSELt's split-K factor (``Plan``)."""
+    cuSPARSELt's split-K factor (``Plan``); ``timer``: how a call is timed (``graph_us``: under a CUDA graph)."""
     def plan(alg=None):
         return cusparselt.Plan(cusparselt.library(), x_sparse.device, n, ks, x_sparse.shape[0], x_sparse.stride(0),
                                x_sparse.dtype, alg, y_transposed, split_k if alg is not None else None)
@@ -74,7 +74,7 @@ def algorithms(compressed, n: int, ks: int, x_sparse, y, y_transposed: bool = Fa
         except cusparselt.CusparseLtError:
             continue
         workspace = torch.empty(max(alg_plan.workspace_bytes, 1), dtype=torch.uint8, device=x_sparse.device)
-        times[alg] = gpu_us(lambda: cusparselt.run_plan(alg_plan, compressed, x_sparse, y, workspace))
+        times[alg] = timer(lambda: cusparselt.run_plan(alg_plan, compressed, x_sparse, y, workspace))
     return times
 
 
@@ -234,13 +234,8 @@ def search_regret(compressed, n: int, x_sparse, trials: int = 4) -> dict:
     """Every algorithm's time under a CUDA graph (the reference: GPU time only), then ``trials`` searches per
     way of searching (``SEARCHES``), with the CPU quiet and with one busy process per core beside it (as
     when a server's other processes compile): the algorithm each picked and its time over the best one's."""
-    reference = {}
     y = torch.zeros(x_sparse.shape[0], n, device=x_sparse.device, dtype=x_sparse.dtype)
-    for alg, _ in cusparselt.time_algorithms(compressed, n, x_sparse, calls=1, rounds=1).items():
-        plan = cusparselt.Plan(cusparselt.library(), x_sparse.device, n, x_sparse.shape[1], x_sparse.shape[0],
-                               x_sparse.stride(0), x_sparse.dtype, alg)
-        workspace = torch.empty(max(plan.workspace_bytes, 1), dtype=torch.uint8, device=x_sparse.device)
-        reference[alg] = graph_us(lambda: cusparselt.run_plan(plan, compressed, x_sparse, y, workspace))
+    reference = algorithms(compressed, n, x_sparse.shape[1], x_sparse, y, timer=graph_us)
     best = min(reference.values())
     row = {"algorithms_graph_us": reference}
     for busy in (False, True):

@@ -887,8 +887,9 @@ SPARSE_CORES_ROW_STEP = 128
 # rows the sparse_cores path runs the dense region's cuBLAS GEMM on a second stream beside cuSPARSELt's 2:4
 # product and adds the two (``_beside``), since at batched-decode sizes neither GEMM fills the GPU. On an H200
 # that took the 8B shapes' time to 0.88x at 128 rows and 0.93x at 256 (a wash at 384-512) and decode in the
-# harness +4-5% at batch 96-128, but under vLLM the A/B came out confounded by server order, so it stays
-# off by default (docs/KERNELS.md, "Batched decode on the sparse tensor cores").
+# harness +4-5% at batch 96-128, but under vLLM it gave +4% at batch 128, within the runs' spread, and its
+# servers' 2048-token prefill ran 0.70x and 0.78x dense (cause not found), so it stays off by default
+# (docs/KERNELS.md, "Batched decode on the sparse tensor cores"; docs/PERFORMANCE.md, v13).
 OVERLAP_REGIONS = os.environ.get("SPENSE_OVERLAP_REGIONS", "0") == "1"
 OVERLAP_MAX_ROWS = 256
 # vLLM's largest CUDA-graph batch by default: the sizes up to it get their cuSPARSELt plans at warm-up.
